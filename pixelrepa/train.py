@@ -1,0 +1,367 @@
+"""Training loop: one plain function, the same on a 2-core CPU, one GPU or many through torchrun.
+
+    python -m pixelrepa.train --model JiT-Ti/4 --resolution 32 --steps 2000 --out_dir runs/jit
+    torchrun --nproc_per_node=8 -m pixelrepa.train --model JiT-B/16 --dataset /data/imagenet/train ...
+
+Every random draw of a step (images, t, noise, flips, label drops) is a function of (seed, step) over
+the *global* batch, and each rank takes its slice: so a resumed run repeats an uninterrupted one
+exactly, and N processes follow one process at the same global batch up to float reduction order.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field, asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from . import data as datalib
+from .flow import FlowConfig, SamplerConfig, add_noise, sample, sample_t, v_loss
+from .jit import JiT, MODELS, jit_config
+
+T_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)  # the loss is logged per t bin: low t (noisy) is the hard part
+
+
+@dataclass
+class TrainConfig:
+    model: str = "JiT-Ti/4"
+    dataset: str = "openclipart"  # a built-in name (data.DATASETS) or an ImageFolder path
+    resolution: int = 32
+    data_dir: str = "data"
+    out_dir: str = "runs/default"
+    steps: int = 500
+    batch_size: int = 64  # global, across all processes
+    blr: float = 5e-5  # lr = blr * batch_size / 256
+    warmup_epochs: float = 5.0
+    ema_decays: tuple[float, ...] = (0.9999, 0.9996)
+    P_mean: float = -0.8
+    P_std: float = 0.8
+    noise_scale: float = 1.0
+    t_eps: float = 0.05
+    label_drop: float = 0.1
+    attn_drop: float = -1.0  # -1: the registry's value
+    proj_drop: float = -1.0
+    seed: int = 0
+    ckpt_every: int = 100
+    keep_ckpts: int = 2
+    log_every: int = 10
+    num_workers: int = 0
+    device: str = "auto"  # auto, cpu, cuda
+    compile: bool = False
+    num_samples: int = 32  # saved from the first EMA at the end (0: none)
+    sample_steps: int = 50
+    cfg_scale: float = 1.0
+    progress: bool = True
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: {why}")
+        self.ema_decays = tuple(self.ema_decays)
+        if self.model not in MODELS:
+            bad("model", f"unknown; valid names: {', '.join(MODELS)}")
+        for name in ("resolution", "steps", "batch_size", "ckpt_every", "keep_ckpts", "log_every", "sample_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(name, "must be a positive integer")
+        if self.resolution % MODELS[self.model]["patch_size"]:
+            bad("resolution", f"must be divisible by the patch size of {self.model}")
+        if not (isinstance(self.blr, (int, float)) and self.blr > 0 and math.isfinite(self.blr)):
+            bad("blr", "must be a positive finite number")
+        if self.warmup_epochs < 0:
+            bad("warmup_epochs", "must be >= 0")
+        if not self.ema_decays or not all(0 < d < 1 for d in self.ema_decays):
+            bad("ema_decays", "need one or more decays in (0, 1)")
+        for name in ("attn_drop", "proj_drop"):
+            if not (getattr(self, name) == -1.0 or 0 <= getattr(self, name) < 1):
+                bad(name, "must be in [0, 1), or -1 for the registry's value")
+        if self.num_samples < 0 or self.num_workers < 0:
+            bad("num_samples" if self.num_samples < 0 else "num_workers", "must be >= 0")
+        if self.device not in ("auto", "cpu", "cuda"):
+            bad("device", "must be auto, cpu or cuda")
+        self.flow  # validates P_std, noise_scale, t_eps, label_drop
+
+    @property
+    def flow(self) -> FlowConfig:
+        return FlowConfig(self.P_mean, self.P_std, self.noise_scale, self.t_eps, self.label_drop)
+
+
+# ----------------------------------------------------------------------------- process helpers
+
+def dist_info() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' asked for but torch sees no CUDA device")
+    if name == "cuda" and dist.is_initialized():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """This rank's slice of the global batch of each step from ``start`` on: epoch permutations are a
+    function of (seed, epoch), so the order never depends on where a run was interrupted."""
+
+    def __init__(self, n: int, global_batch: int, seed: int, start: int, stop: int, rank: int = 0, world: int = 1):
+        if n < global_batch:
+            raise ValueError(f"dataset has {n} images, fewer than one global batch of {global_batch}")
+        self.n, self.B, self.seed, self.start, self.stop, self.rank, self.world = n, global_batch, seed, start, stop, rank, world
+
+    def global_indices(self, step: int) -> torch.Tensor:
+        per_epoch = self.n // self.B
+        epoch, k = divmod(step, per_epoch)
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+        return perm[k * self.B:(k + 1) * self.B]
+
+    def __iter__(self):
+        b = self.B // self.world
+        for step in range(self.start, self.stop):
+            yield self.global_indices(step)[self.rank * b:(self.rank + 1) * b].tolist()
+
+    def __len__(self):
+        return self.stop - self.start
+
+
+def lr_at(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
+    base = cfg.blr * cfg.batch_size / 256
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    return base * min(1.0, (step + 1) / warmup) if warmup > 0 else base
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def checkpoints(out_dir: Path) -> list[Path]:
+    return sorted(out_dir.glob("ckpt-*.pt"))
+
+
+def atomic_save(obj, path: Path):
+    """Written aside, flushed to disk, then renamed: a crash leaves the old file or the new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_latest(out_dir: Path, map_location="cpu") -> dict | None:
+    """The newest checkpoint that loads; a corrupt one is reported and the previous one used."""
+    for path in reversed(checkpoints(out_dir)):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as err:  # truncated zip, bad pickle, ...
+            print(f"warning: checkpoint {path} is unreadable ({type(err).__name__}: {err}); "
+                  "trying the previous one", file=sys.stderr)
+    return None
+
+
+COMPAT_FIELDS = ("model", "dataset", "resolution", "batch_size", "seed", "ema_decays")
+
+
+def check_compatible(saved: dict, cfg: TrainConfig, out_dir: Path):
+    now = asdict(cfg)
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in COMPAT_FIELDS
+             if json.dumps(saved.get(k)) != json.dumps(now[k])]
+    if diffs:
+        raise ValueError(f"{out_dir} holds a run with another configuration ({'; '.join(diffs)}); "
+                         "use another out_dir or delete its checkpoints")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train(cfg: TrainConfig) -> Path:
+    rank, world = dist_info()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {world} processes")
+    device = resolve_device(cfg.device)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    ds = datalib.load_dataset(cfg.dataset, cfg.resolution, "train", cfg.data_dir, progress=cfg.progress and rank == 0)
+    over = {k: v for k, v in (("attn_drop", cfg.attn_drop), ("proj_drop", cfg.proj_drop)) if v >= 0}
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = JiT(jit_config(cfg.model, cfg.resolution, ds.num_classes, **over)).to(device)
+    emas = [copy.deepcopy(model).requires_grad_(False).eval() for _ in cfg.ema_decays]
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.blr, betas=(0.9, 0.95), weight_decay=0.0)
+    start = 0
+    saved = load_latest(out_dir)
+    if saved is not None:
+        check_compatible(saved["config"], cfg, out_dir)
+        model.load_state_dict(saved["model"])
+        for ema, sd in zip(emas, saved["emas"]):
+            ema.load_state_dict(sd)
+        opt.load_state_dict(saved["opt"])
+        start = saved["step"]
+    log_path = out_dir / "metrics.jsonl"
+    if rank == 0:
+        truncate_log(log_path, start)  # steps after the checkpoint will be logged again
+        (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    sampler = StepBatches(len(ds), cfg.batch_size, cfg.seed, start, cfg.steps, rank, world)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=cfg.num_workers,
+                                         pin_memory=device.type == "cuda")
+    steps_per_epoch = len(ds) // cfg.batch_size
+    b = cfg.batch_size // world
+    sl = slice(rank * b, (rank + 1) * b)
+    flow = cfg.flow
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not (cfg.progress and rank == 0),
+               dynamic_ncols=True)
+    t_last, n_last = time.perf_counter(), 0
+    model.train()
+    for step, (img, y) in enumerate(loader, start=start):
+        g = step_generator(cfg.seed, step)
+        B = cfg.batch_size
+        t = sample_t(B, flow, g)[sl]
+        e = (flow.noise_scale * torch.randn((B, 3, cfg.resolution, cfg.resolution), generator=g))[sl]
+        flip = (torch.rand(B, generator=g) < 0.5)[sl]
+        drop = (torch.rand(B, generator=g) < flow.label_drop)[sl]  # to the null class, for guidance
+        y = torch.where(drop, torch.full_like(y, ds.num_classes), y)
+        x = datalib.to_model_range(img)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        x, y, t, e = (v.to(device, non_blocking=True) for v in (x, y, t, e))
+        torch.manual_seed(cfg.seed * 1_000_003 + step * 64 + rank)  # dropout draws, reproducible on resume
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg, steps_per_epoch)
+        z = add_noise(x, t, e)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            x_pred = net(z, t, y)
+        per_sample = v_loss(x_pred.float(), x, z, t, flow.t_eps)
+        loss = per_sample.mean()
+        if not torch.isfinite(loss):
+            report_nonfinite(out_dir, cfg, step, sampler.global_indices(step), loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            params = list(model.parameters())
+            for ema, decay in zip(emas, cfg.ema_decays):
+                torch._foreach_lerp_(list(ema.parameters()), params, 1 - decay)
+        bar.update(1)
+        n_last += B
+        done = step + 1
+        if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
+            now = time.perf_counter()
+            rec = {"step": done, "images": done * B, "loss": round(loss.item(), 6), "lr": opt.param_groups[0]["lr"],
+                   "images_per_s": round(n_last / (now - t_last), 2)}
+            rec.update(loss_by_t(per_sample.detach(), t))
+            append_log(log_path, rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            t_last, n_last = now, 0
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            save_checkpoint(out_dir, cfg, done, model, emas, opt, rank)
+    bar.close()
+    if rank == 0 and cfg.num_samples:
+        save_samples(out_dir, cfg, emas[0], ds.num_classes, device)
+    return out_dir
+
+
+def loss_by_t(per_sample: torch.Tensor, t: torch.Tensor) -> dict:
+    out = {}
+    for lo, hi in zip(T_BINS[:-1], T_BINS[1:]):
+        m = (t >= lo) & (t < hi)
+        if m.any():
+            out[f"loss_t{lo:.2f}-{hi:.2f}"] = round(per_sample[m].mean().item(), 6)
+    return out
+
+
+def append_log(path: Path, rec: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def truncate_log(path: Path, step: int):
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out_dir: Path, cfg: TrainConfig, step: int, model, emas, opt, rank: int):
+    if rank == 0:
+        state = {"step": step, "config": asdict(cfg), "model": model.state_dict(),
+                 "emas": [e.state_dict() for e in emas], "opt": opt.state_dict()}
+        atomic_save(state, out_dir / f"ckpt-{step:08d}.pt")
+        for old in checkpoints(out_dir)[:-cfg.keep_ckpts]:
+            old.unlink()
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def report_nonfinite(out_dir: Path, cfg: TrainConfig, step: int, indices: torch.Tensor, loss):
+    info = {"step": step, "seed": cfg.seed, "loss": str(loss.item()), "batch_indices": indices.tolist(),
+            "config": asdict(cfg)}
+    path = out_dir / f"nonfinite-step{step:08d}.json"
+    path.write_text(json.dumps(info))
+    raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; the last good checkpoint is kept "
+                             f"in {out_dir}; what reproduces it (seed, step, batch indices) is in {path}")
+
+
+def save_samples(out_dir: Path, cfg: TrainConfig, ema: JiT, num_classes: int, device: torch.device):
+    from torchvision.utils import save_image
+    y = torch.arange(cfg.num_samples, device=device) % num_classes
+    scfg = SamplerConfig(steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale, noise_scale=cfg.noise_scale, t_eps=cfg.t_eps)
+    x = sample(ema, y, (3, cfg.resolution, cfg.resolution), num_classes, scfg,
+               generator=torch.Generator().manual_seed(cfg.seed))
+    imgs = datalib.from_model_range(x.cpu())
+    torch.save({"images": imgs, "labels": y.cpu()}, out_dir / "samples.pt")
+    save_image(imgs.float() / 255, out_dir / "samples.png", nrow=int(math.ceil(cfg.num_samples ** 0.5)))
+
+
+# ----------------------------------------------------------------------------- command line
+
+def config_parser(cls) -> argparse.ArgumentParser:
+    """--field value for every field of a config dataclass, typed from its default."""
+    p = argparse.ArgumentParser(prog=f"python -m {__name__}", description=cls.__doc__)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, bool):
+            p.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=default,
+                           metavar="BOOL")
+        elif isinstance(default, tuple):
+            p.add_argument(f"--{f.name}", type=type(default[0]), nargs="+", default=default)
+        else:
+            p.add_argument(f"--{f.name}", type=type(default), default=default)
+    return p
+
+
+def main(argv=None):
+    cfg = TrainConfig(**vars(config_parser(TrainConfig).parse_args(argv)))
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        backend = "nccl" if resolve_device(cfg.device).type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    try:
+        out = train(cfg)
+        if dist_info()[0] == 0:
+            print(f"done: {out}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
