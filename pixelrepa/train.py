@@ -198,7 +198,7 @@ def train(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = JiT(jit_config(cfg.model, cfg.resolution, ds.num_classes, **over)).to(device)
     emas = [copy.deepcopy(model).requires_grad_(False).eval() for _ in cfg.ema_decays]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.blr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.blr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
     start = 0
     saved = load_latest(out_dir)
     if saved is not None:

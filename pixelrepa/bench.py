@@ -1,0 +1,157 @@
+"""Benchmarks: one JSON object per figure, with the device, versions and settings.
+
+    python -m pixelrepa.bench                      # the default CPU model at 32 and 64 px
+    python -m pixelrepa.bench --model JiT-B/16 --resolution 256 --batch 64 --device cuda
+
+Contenders are timed in interleaved rounds and the median round is reported, so that a noisy
+neighbour on a shared machine slows every contender alike instead of one of them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .flow import FlowConfig, add_noise, sample_t, v_loss
+from .jit import JiT, count_params, jit_config
+
+
+@dataclass
+class Contender:
+    name: str
+    step: callable  # one training step on a fixed batch
+    images: int  # images per step
+
+
+def jit_train_step(net: JiT, batch: int, device: torch.device, flow: FlowConfig = FlowConfig(), ema_decays=(0.9999, 0.9996)):
+    """The training loop's work on one batch: noising, x-pred forward, v-loss, AdamW, two EMAs."""
+    res, C = net.cfg.input_size, net.cfg.num_classes
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(batch, 3, res, res, generator=g) * 2 - 1).to(device)
+    y = torch.randint(0, C + 1, (batch,), generator=g).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+    params = list(net.parameters())
+    emas = [[p.detach().clone() for p in params] for _ in ema_decays]
+    amp = device.type == "cuda"
+
+    def step():
+        t = sample_t(batch, flow, g).to(device)
+        z = add_noise(x, t, flow.noise_scale * torch.randn(x.shape, generator=g).to(device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            x_pred = net(z, t, y)
+        loss = v_loss(x_pred.float(), x, z, t, flow.t_eps).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for ema, d in zip(emas, ema_decays):
+                torch._foreach_lerp_(ema, params, 1 - d)
+    return step
+
+
+def timm_vit_train_step(width: int, depth: int, heads: int, tokens: int, patch: int, batch: int, device: torch.device):
+    """timm's plain VisionTransformer with the same width, depth and total token count: forward,
+    MSE on its tokens, backward, AdamW (no EMA, no noising: a floor for the network itself)."""
+    import timm.models.vision_transformer as vt
+    rows = 8
+    assert tokens % rows == 0
+    vit = vt.VisionTransformer(img_size=(rows * patch, tokens // rows * patch), patch_size=patch, embed_dim=width,
+                               depth=depth, num_heads=heads, class_token=False, global_pool="", num_classes=0).to(device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, rows * patch, tokens // rows * patch, generator=g).to(device)
+    target = torch.randn(batch, tokens, width, generator=g).to(device)
+    opt = torch.optim.AdamW(vit.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+
+    def step():
+        loss = ((vit.forward_features(x) - target) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def race(contenders: list[Contender], device: torch.device, steps: int, rounds: int, warmup: int = 2) -> dict[str, float]:
+    """images/s per contender: the median over interleaved rounds of ``steps`` steps each."""
+    for c in contenders:
+        for _ in range(warmup):
+            c.step()
+    rates = {c.name: [] for c in contenders}
+    for _ in range(rounds):
+        for c in contenders:
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                c.step()
+            sync(device)
+            rates[c.name].append(c.images * steps / (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
+def environment(device: torch.device) -> dict:
+    import timm
+    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+           "device_type": device.type, "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "timm": timm.__version__, "python": platform.python_version()}
+    return env
+
+
+def emit(record: dict):
+    print(json.dumps(record), flush=True)
+
+
+def bench_train(model: str, resolution: int, batch: int, device: torch.device, steps: int, rounds: int,
+                num_classes: int = 22, with_timm: bool = True) -> dict:
+    torch.manual_seed(0)
+    ours = JiT(jit_config(model, resolution, num_classes)).to(device)
+    ref = JiT(jit_config(model, resolution, num_classes, attn_impl="reference")).to(device)
+    ref.load_state_dict(ours.state_dict())
+    cfg = ours.cfg
+    contenders = [Contender("pixelrepa", jit_train_step(ours, batch, device), batch),
+                  Contender("reference_style", jit_train_step(ref, batch, device), batch)]
+    tokens = cfg.num_patches + cfg.in_context_len
+    if with_timm:
+        contenders.append(Contender("timm_vit", timm_vit_train_step(cfg.width, cfg.depth, cfg.num_heads, tokens,
+                                                                    cfg.patch_size, batch, device), batch))
+    rates = race(contenders, device, steps, rounds)
+    rec = {"figure": "train_images_per_s", "model": model, "resolution": resolution, "batch": batch,
+           "params": count_params(ours), "image_tokens": cfg.num_patches, "total_tokens": tokens,
+           "steps_per_round": steps, "rounds": rounds, **{k: round(v, 2) for k, v in rates.items()},
+           "speedup_vs_reference_style": round(rates["pixelrepa"] / rates["reference_style"], 3)}
+    if with_timm:
+        rec["ratio_vs_timm_vit"] = round(rates["pixelrepa"] / rates["timm_vit"], 3)
+    rec.update(environment(device))
+    return rec
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m pixelrepa.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", nargs="+", default=None, help="registry names (default: JiT-Ti/4 at 32 px, JiT-Ti/8 at 64 px)")
+    p.add_argument("--resolution", nargs="+", type=int, default=None)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no_timm", action="store_true")
+    a = p.parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
+    models = a.model or ["JiT-Ti/4", "JiT-Ti/8"]
+    resolutions = a.resolution or [32, 64][:len(models)]
+    if len(resolutions) != len(models):
+        p.error("give one --resolution per --model")
+    for model, res in zip(models, resolutions):
+        emit(bench_train(model, res, a.batch, device, a.steps, a.rounds, with_timm=not a.no_timm))
+
+
+if __name__ == "__main__":
+    main()
