@@ -103,11 +103,11 @@ def sincos_2d(width: int, grid: int) -> torch.Tensor:
 
 
 def rope_2d(head_dim: int, grid: int, num_identity: int = 0, theta: float = 10000.0) -> torch.Tensor:
-    """RoPE tables (2, N, head_dim) for a grid: cos and the signed sin of the roll formulation.
+    """2D RoPE table (N, head_dim/2, 2) of (cos, sin) for channel pairs (2i, 2i + 1).
 
-    Channel i is paired with i + head_dim/2. The first quarter of the pairs' frequencies rotate with
-    the row index and the second with the column index (half the head dim per axis, theta 10000).
-    ``num_identity`` leading tokens (the in-context class tokens) get the identity rotation.
+    The first half of the head dimension rotates with the row index and the second with the column
+    index (half the head dim per axis, theta 10000). ``num_identity`` leading tokens (the
+    in-context class tokens) get the identity rotation.
     """
     quarter = head_dim // 4
     freqs = 1.0 / theta ** (torch.arange(quarter, dtype=torch.float64) / quarter)
@@ -115,25 +115,46 @@ def rope_2d(head_dim: int, grid: int, num_identity: int = 0, theta: float = 1000
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")
     angle = torch.cat([rows.flatten()[:, None] * freqs, cols.flatten()[:, None] * freqs], dim=1)
     angle = torch.cat([torch.zeros(num_identity, head_dim // 2, dtype=angle.dtype), angle])
-    # rotate_half(x) * sin == roll(x, D/2) * [-sin, sin]: one copy instead of chunk, neg and cat
-    cos = torch.cat([angle.cos(), angle.cos()], dim=1)
-    sin = torch.cat([-angle.sin(), angle.sin()], dim=1)
-    return torch.stack([cos, sin]).float()
+    return torch.stack([angle.cos(), angle.sin()], dim=-1).float()
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (i, i + D/2) of x (B, N, ..., D) by the tables of ``rope_2d``."""
-    shape = (x.shape[1],) + (1,) * (x.ndim - 3) + (x.shape[-1],)
-    cos, sin = rope[0].view(shape).to(x.dtype), rope[1].view(shape).to(x.dtype)
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
+    """Rotate channel pairs (2i, 2i + 1) of x (B, N, ..., D) by the table of ``rope_2d``.
+
+    As one complex multiply: on the CPU about 5x faster than the rotate-half form, forward and back.
+    """
+    shape = (rope.shape[0],) + (1,) * (x.ndim - 3) + (rope.shape[1],)
+    cis = torch.view_as_complex(rope).view(shape)
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * cis).flatten(-2).type_as(x)
+
+
+class _RMS(torch.autograd.Function):
+    """RMSNorm without a weight, with a hand-fused backward: dx = r (g - y mean(g y)).
+
+    On the CPU the composite F.rms_norm (or a vector_norm expression) spends most of its time in
+    autograd's many small backward ops; this is about twice as fast and agrees to float rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, x, eps):
+        r = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps))
+        y = x * r
+        ctx.save_for_backward(y, r)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        y, r = ctx.saved_tensors
+        m = torch.linalg.vecdot(g, y).unsqueeze(-1).div_(-y.shape[-1])
+        return torch.addcmul(g, y, m).mul_(r), None
 
 
 def rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """RMS-normalise the last dim without a weight (callers fold the weight into a later multiply).
-
-    vector_norm's backward is cheaper on the CPU than that of the composite F.rms_norm.
-    """
-    return x * torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1] + eps)
+    """RMS-normalise the last dim without a weight (callers fold the weight into a later multiply)."""
+    if x.device.type == "cpu" and torch.is_grad_enabled():
+        return _RMS.apply(x, eps)
+    return F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
 # ----------------------------------------------------------------------------- layers
