@@ -116,3 +116,29 @@ def sample(net: Net, y: torch.Tensor, shape: tuple[int, ...], null_class: int, c
             v_next = guided_velocity(net, z_euler, t_next, y, null_class, cfg)
             z = z + (t_next - t) * 0.5 * (v + v_next)
     return z
+
+
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    """n labels cycling through the classes: counts differ by at most one between classes."""
+    return torch.arange(n) % num_classes
+
+
+@torch.no_grad()
+def generate(net: Net, n: int, num_classes: int, shape: tuple[int, ...], cfg: SamplerConfig = SamplerConfig(),
+             batch_size: int = 64, seed: int = 0, device: torch.device | str = "cpu", progress: bool = True,
+             labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """n class-balanced samples as uint8 images (n, C, H, W) and their labels, in batches.
+
+    Each batch draws its noise from (seed, index of its first image): the same call gives the same
+    images whatever ran before it.
+    """
+    from tqdm.auto import tqdm
+    from .data import from_model_range
+    labels = balanced_labels(n, num_classes) if labels is None else labels
+    out = []
+    for i in tqdm(range(0, n, batch_size), desc="sample", disable=not progress, dynamic_ncols=True):
+        y = labels[i:i + batch_size].to(device)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        x = sample(net, y, shape, num_classes, cfg, generator=g)
+        out.append(from_model_range(x.float().cpu()))
+    return torch.cat(out), labels

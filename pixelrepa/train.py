@@ -22,11 +22,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from tqdm.auto import tqdm
 
 from . import data as datalib
-from .flow import FlowConfig, SamplerConfig, add_noise, sample, sample_t, v_loss
-from .jit import JiT, MODELS, jit_config
+from .align import AlignConfig, build_head, cosine_loss, token_mask
+from .flow import FlowConfig, SamplerConfig, add_noise, generate, sample_t, v_loss
+from .jit import JiT, JiTConfig, MODELS, jit_config
 
 T_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)  # the loss is logged per t bin: low t (noisy) is the hard part
 
@@ -61,6 +63,15 @@ class TrainConfig:
     sample_steps: int = 50
     cfg_scale: float = 1.0
     progress: bool = True
+    # representation alignment (align.py): jit | repa | adapter | pixelrepa
+    method: str = "jit"
+    encoder: str = "effnet-lite0"
+    encoder_weights: str = ""  # DINOv2 weights file; empty: $PIXELREPA_DINOV2 or the Hugging Face cache
+    align_depth: int = -1
+    align_coef: float = -1.0
+    mask_ratio: float = -1.0
+    proj_hidden: int = 2048
+    cache_targets: bool = True  # built-in datasets: encoder features computed once and cached under data_dir
 
     def __post_init__(self):
         def bad(name, why):
@@ -88,6 +99,13 @@ class TrainConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             bad("device", "must be auto, cpu or cuda")
         self.flow  # validates P_std, noise_scale, t_eps, label_drop
+        self.align  # validates method, coefficient and mask ratio
+        self.align.depth(jit_config(self.model, self.resolution, 1))
+
+    @property
+    def align(self) -> AlignConfig:
+        return AlignConfig(self.method, self.encoder, self.align_depth, self.align_coef, self.mask_ratio,
+                           self.proj_hidden)
 
     @property
     def flow(self) -> FlowConfig:
@@ -138,6 +156,33 @@ class StepBatches(torch.utils.data.Sampler):
         return self.stop - self.start
 
 
+class Trainable(nn.Module):
+    """The JiT and its optional alignment head: one module for DDP, one forward pass for both losses."""
+
+    def __init__(self, jit: JiT, head: nn.Module | None = None, depth: int = 0):
+        super().__init__()
+        self.jit, self.head, self.depth = jit, head, depth
+
+    def forward(self, z, t, y, mask=None):
+        if self.head is None:
+            return self.jit(z, t, y), None
+        x_pred, (h,) = self.jit(z, t, y, hidden_at=(self.depth,))
+        return x_pred, self.head(h, t, y, mask)
+
+
+def make_targets(cfg: TrainConfig, ds, jit_cfg: JiTConfig, device: torch.device):
+    """A function (indices, images in model range, flip mask) -> encoder tokens on the JiT grid, and
+    the encoder's width. Built-in datasets read features cached once per dataset and resolution;
+    anything else runs the frozen encoder on the batch."""
+    from . import encoders
+    enc = encoders.build_encoder(cfg.encoder, jit_cfg.grid, weights=cfg.encoder_weights or None, device=device)
+    if cfg.cache_targets and getattr(ds, "images", None) is not None and cfg.dataset in datalib.DATASETS:
+        feats = encoders.cached_features(enc, cfg.dataset, ds.images, cfg.resolution, cfg.data_dir,
+                                         progress=cfg.progress and dist_info()[0] == 0)
+        return (lambda idx, x, flip: feats.get(idx, flip).to(device, torch.float32)), enc.dim
+    return (lambda idx, x, flip: enc(x).float()), enc.dim
+
+
 def lr_at(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
     base = cfg.blr * cfg.batch_size / 256
     warmup = cfg.warmup_epochs * steps_per_epoch
@@ -171,7 +216,8 @@ def load_latest(out_dir: Path, map_location="cpu") -> dict | None:
     return None
 
 
-COMPAT_FIELDS = ("model", "dataset", "resolution", "batch_size", "seed", "ema_decays")
+COMPAT_FIELDS = ("model", "dataset", "resolution", "batch_size", "seed", "ema_decays", "method", "encoder",
+                 "align_depth", "mask_ratio", "proj_hidden")
 
 
 def check_compatible(saved: dict, cfg: TrainConfig, out_dir: Path):
@@ -195,15 +241,23 @@ def train(cfg: TrainConfig) -> Path:
 
     ds = datalib.load_dataset(cfg.dataset, cfg.resolution, "train", cfg.data_dir, progress=cfg.progress and rank == 0)
     over = {k: v for k, v in (("attn_drop", cfg.attn_drop), ("proj_drop", cfg.proj_drop)) if v >= 0}
+    jit_cfg = jit_config(cfg.model, cfg.resolution, ds.num_classes, **over)
+    align = cfg.align
+    targets, enc_dim = make_targets(cfg, ds, jit_cfg, device) if align.enabled else (None, 0)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = JiT(jit_config(cfg.model, cfg.resolution, ds.num_classes, **over)).to(device)
-    emas = [copy.deepcopy(model).requires_grad_(False).eval() for _ in cfg.ema_decays]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.blr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+    model = JiT(jit_cfg).to(device)
+    head = build_head(align, jit_cfg, enc_dim)
+    trainable = Trainable(model, head.to(device) if head is not None else None, align.depth(jit_cfg))
+    emas = [copy.deepcopy(model).requires_grad_(False).eval() for _ in cfg.ema_decays]  # the JiT only
+    opt = torch.optim.AdamW(trainable.parameters(), lr=cfg.blr, betas=(0.9, 0.95), weight_decay=0.0,
+                            fused=device.type in ("cpu", "cuda"))
     start = 0
     saved = load_latest(out_dir)
     if saved is not None:
         check_compatible(saved["config"], cfg, out_dir)
         model.load_state_dict(saved["model"])
+        if head is not None:
+            head.load_state_dict(saved["head"])
         for ema, sd in zip(emas, saved["emas"]):
             ema.load_state_dict(sd)
         opt.load_state_dict(saved["opt"])
@@ -213,9 +267,9 @@ def train(cfg: TrainConfig) -> Path:
         truncate_log(log_path, start)  # steps after the checkpoint will be logged again
         (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
 
-    net = model
+    net = trainable
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(trainable, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
     sampler = StepBatches(len(ds), cfg.batch_size, cfg.seed, start, cfg.steps, rank, world)
@@ -228,7 +282,7 @@ def train(cfg: TrainConfig) -> Path:
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not (cfg.progress and rank == 0),
                dynamic_ncols=True)
     t_last, n_last = time.perf_counter(), 0
-    model.train()
+    trainable.train()
     for step, (img, y) in enumerate(loader, start=start):
         g = step_generator(cfg.seed, step)
         B = cfg.batch_size
@@ -239,15 +293,22 @@ def train(cfg: TrainConfig) -> Path:
         y = torch.where(drop, torch.full_like(y, ds.num_classes), y)
         x = datalib.to_model_range(img)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        mask = None
+        if head is not None and align.ratio > 0:
+            mask = token_mask(B, jit_cfg.num_patches, align.ratio, g)[sl].to(device)
         x, y, t, e = (v.to(device, non_blocking=True) for v in (x, y, t, e))
         torch.manual_seed(cfg.seed * 1_000_003 + step * 64 + rank)  # dropout draws, reproducible on resume
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg, steps_per_epoch)
         z = add_noise(x, t, e)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            x_pred = net(z, t, y)
+            x_pred, pred = net(z, t, y, mask)
         per_sample = v_loss(x_pred.float(), x, z, t, flow.t_eps)
         loss = per_sample.mean()
+        if pred is not None:
+            target = targets(sampler.global_indices(step)[sl], x, flip)
+            align_loss, cos = cosine_loss(pred, target)
+            loss = loss + align.loss_coef * align_loss
         if not torch.isfinite(loss):
             report_nonfinite(out_dir, cfg, step, sampler.global_indices(step), loss)
         opt.zero_grad(set_to_none=True)
@@ -265,11 +326,15 @@ def train(cfg: TrainConfig) -> Path:
             rec = {"step": done, "images": done * B, "loss": round(loss.item(), 6), "lr": opt.param_groups[0]["lr"],
                    "images_per_s": round(n_last / (now - t_last), 2)}
             rec.update(loss_by_t(per_sample.detach(), t))
+            if pred is not None:
+                rec["align_cos"] = round(cos.mean().item(), 6)
+                if mask is not None:
+                    rec["align_cos_masked"] = round(cos[mask].mean().item(), 6)
             append_log(log_path, rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             t_last, n_last = now, 0
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
-            save_checkpoint(out_dir, cfg, done, model, emas, opt, rank)
+            save_checkpoint(out_dir, cfg, done, model, head, emas, opt, rank)
     bar.close()
     if rank == 0 and cfg.num_samples:
         save_samples(out_dir, cfg, emas[0], ds.num_classes, device)
@@ -299,9 +364,10 @@ def truncate_log(path: Path, step: int):
     os.replace(tmp, path)
 
 
-def save_checkpoint(out_dir: Path, cfg: TrainConfig, step: int, model, emas, opt, rank: int):
+def save_checkpoint(out_dir: Path, cfg: TrainConfig, step: int, model, head, emas, opt, rank: int):
     if rank == 0:
         state = {"step": step, "config": asdict(cfg), "model": model.state_dict(),
+                 "head": head.state_dict() if head is not None else {},
                  "emas": [e.state_dict() for e in emas], "opt": opt.state_dict()}
         atomic_save(state, out_dir / f"ckpt-{step:08d}.pt")
         for old in checkpoints(out_dir)[:-cfg.keep_ckpts]:
@@ -321,12 +387,10 @@ def report_nonfinite(out_dir: Path, cfg: TrainConfig, step: int, indices: torch.
 
 def save_samples(out_dir: Path, cfg: TrainConfig, ema: JiT, num_classes: int, device: torch.device):
     from torchvision.utils import save_image
-    y = torch.arange(cfg.num_samples, device=device) % num_classes
     scfg = SamplerConfig(steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale, noise_scale=cfg.noise_scale, t_eps=cfg.t_eps)
-    x = sample(ema, y, (3, cfg.resolution, cfg.resolution), num_classes, scfg,
-               generator=torch.Generator().manual_seed(cfg.seed))
-    imgs = datalib.from_model_range(x.cpu())
-    torch.save({"images": imgs, "labels": y.cpu()}, out_dir / "samples.pt")
+    imgs, y = generate(ema, cfg.num_samples, num_classes, (3, cfg.resolution, cfg.resolution), scfg,
+                       seed=cfg.seed, device=device, progress=cfg.progress)
+    torch.save({"images": imgs, "labels": y}, out_dir / "samples.pt")
     save_image(imgs.float() / 255, out_dir / "samples.png", nrow=int(math.ceil(cfg.num_samples ** 0.5)))
 
 

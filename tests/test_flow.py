@@ -102,3 +102,21 @@ def test_bad_sampler_and_flow_configs_name_the_field():
         SamplerConfig(cfg_interval=(0.8, 0.2))
     with pytest.raises(ValueError, match="t_eps"):
         FlowConfig(t_eps=1.5)
+
+
+def test_generate_is_class_balanced_uint8_and_reproducible():
+    from pixelrepa.flow import generate
+
+    class Net:  # predicts a class-dependent constant image
+        def __call__(self, z, t, y):
+            return (y.float() / 10 - 0.5).view(-1, 1, 1, 1).expand_as(z)
+
+    cfg = SamplerConfig(steps=4)
+    imgs, labels = generate(Net(), 25, 10, (3, 4, 4), cfg, batch_size=8, seed=1, progress=False)
+    assert imgs.dtype == torch.uint8 and imgs.shape == (25, 3, 4, 4)
+    counts = torch.bincount(labels, minlength=10)
+    assert counts.max() - counts.min() <= 1
+    # an oracle-like net: each image is its class's constant, mapped to uint8
+    assert torch.equal(imgs[:, 0, 0, 0], ((labels.float() / 10 - 0.5 + 1) * 127.5).round().to(torch.uint8))
+    imgs2, _ = generate(Net(), 25, 10, (3, 4, 4), cfg, batch_size=8, seed=1, progress=False)
+    assert torch.equal(imgs, imgs2)

@@ -1,0 +1,124 @@
+import pytest
+import torch
+
+from pixelrepa.align import (AlignConfig, MaskedTransformerAdapter, REPAProjector, build_head, cosine_loss,
+                             linear_cka, token_mask)
+from pixelrepa.flow import SamplerConfig, sample
+from pixelrepa.jit import build_jit
+from pixelrepa.train import Trainable
+
+
+def test_mask_fraction_matches_the_ratio():
+    for ratio in (0.2, 0.5):
+        m = token_mask(256, 64, ratio, torch.Generator().manual_seed(0))
+        n = m.numel()
+        # binomial: 5 standard deviations
+        assert abs(m.float().mean().item() - ratio) < 5 * (ratio * (1 - ratio) / n) ** 0.5
+        # independent per token: every position and every image is masked sometimes, not a fixed pattern
+        assert m.any(0).all() and (m.float().mean(1).std() > 0)
+    assert token_mask(4, 64, 0.0) is None
+
+
+def test_cosine_loss_is_0_for_identical_and_2_for_opposite():
+    a = torch.randn(3, 10, 16)
+    assert cosine_loss(a, a)[0].item() == pytest.approx(0.0, abs=1e-6)
+    assert cosine_loss(a, -a)[0].item() == pytest.approx(2.0, abs=1e-6)
+    assert cosine_loss(a, 5 * a)[0].item() == pytest.approx(0.0, abs=1e-6)  # scale-free
+
+
+def test_method_defaults_come_from_configuration():
+    assert AlignConfig("repa").loss_coef == 0.5 and AlignConfig("pixelrepa").loss_coef == 0.1
+    assert AlignConfig("pixelrepa").ratio == 0.2 and AlignConfig("adapter").ratio == 0.0
+    assert AlignConfig("pixelrepa", coef=0.3, mask_ratio=0.5).loss_coef == 0.3
+    assert AlignConfig("pixelrepa", mask_ratio=0.5).ratio == 0.5
+    with pytest.raises(ValueError, match="method"):
+        AlignConfig("repa2")
+    with pytest.raises(ValueError, match="mask_ratio"):
+        AlignConfig("pixelrepa", mask_ratio=1.0)
+    jit = build_jit("JiT-Ti/4", 32, 22).cfg
+    assert AlignConfig("repa").depth(jit) == 2 and AlignConfig("repa", align_depth=5).depth(jit) == 5
+    with pytest.raises(ValueError, match="align_depth"):
+        AlignConfig("repa", align_depth=7).depth(jit)
+    assert build_head(AlignConfig("jit"), jit, 1280) is None
+    assert isinstance(build_head(AlignConfig("repa"), jit, 1280), REPAProjector)
+    mta = build_head(AlignConfig("pixelrepa"), jit, 1280)
+    assert isinstance(mta, MaskedTransformerAdapter) and len(mta.blocks) == 2
+    assert all(b.attn.attn_drop == 0 for b in mta.blocks)
+
+
+class FrozenEncoder(torch.nn.Module):
+    def __init__(self, dim=32, grid=8):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, dim, 4, 4).requires_grad_(False)
+
+    def forward(self, x):
+        with torch.no_grad():
+            return self.conv(x).flatten(2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("method", ["repa", "pixelrepa", "adapter"])
+def test_alignment_gradient_reaches_early_blocks_and_stops_at_the_encoder(method):
+    torch.manual_seed(0)
+    jit = build_jit("JiT-Ti/4", 32, 5)
+    with torch.no_grad():  # adaLN-Zero gates start at 0 and would block the gradient: open them
+        for b in jit.blocks:
+            b.adaLN_modulation[-1].bias.normal_(0, 0.5)
+    cfg = AlignConfig(method)
+    head = build_head(cfg, jit.cfg, 32)
+    model = Trainable(jit, head, cfg.depth(jit.cfg))
+    enc = FrozenEncoder()
+    x = torch.randn(4, 3, 32, 32)
+    t, y = torch.rand(4), torch.randint(0, 5, (4,))
+    mask = token_mask(4, 64, cfg.ratio, torch.Generator().manual_seed(0))
+    _, pred = model(x, t, y, mask)
+    loss, _ = cosine_loss(pred, enc(x))
+    loss.backward()  # the alignment loss alone
+    assert jit.patch1.weight.grad is not None and jit.patch1.weight.grad.abs().sum() > 0
+    assert jit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    # blocks after the aligned depth get nothing from it, and the frozen encoder nothing at all
+    assert jit.blocks[-1].attn.qkv.weight.grad is None
+    assert enc.conv.weight.grad is None
+
+
+class StubEncoder(FrozenEncoder):
+    name, dim, grid = "stub", 32, 4
+
+
+def test_sampling_never_runs_a_head_and_emas_carry_no_head(tmp_path, monkeypatch):
+    from conftest import make_image_folder
+    from pixelrepa import encoders
+    from pixelrepa.train import TrainConfig, train
+    monkeypatch.setattr(encoders, "build_encoder", lambda name, grid, weights=None, device="cpu": StubEncoder())
+    folder = make_image_folder(tmp_path / "folder")
+    out = tmp_path / "run"
+    cfg = TrainConfig(model="JiT-Ti/4", dataset=str(folder), resolution=16, data_dir=str(tmp_path / "cache"),
+                      out_dir=str(out), steps=4, batch_size=8, blr=1e-2, ckpt_every=4, num_samples=0,
+                      progress=False, method="pixelrepa", proj_hidden=64)
+    train(cfg)
+    state = torch.load(out / "ckpt-00000004.pt", weights_only=False)
+    assert state["head"] and any(k.startswith("blocks.") for k in state["head"])
+    jit_keys = set(build_jit("JiT-Ti/4", 16, 3).state_dict())
+    for ema in state["emas"]:
+        assert set(ema) == jit_keys  # no head parameters in the EMA copies
+    assert set(state["model"]) == jit_keys
+    # samples from the pixelrepa-trained network equal those of the same weights in a bare JiT
+    net = build_jit("JiT-Ti/4", 16, 3)
+    net.load_state_dict(state["emas"][0])
+    calls = []
+    head_net = Trainable(net, MaskedTransformerAdapter(net.cfg, 32), 2)
+    head_net.head.register_forward_hook(lambda *a: calls.append(1))
+    scfg = SamplerConfig(steps=3, cfg_scale=2.0)
+    y = torch.arange(3)
+    a = sample(net, y, (3, 16, 16), 3, scfg, generator=torch.Generator().manual_seed(0))
+    bare = build_jit("JiT-Ti/4", 16, 3)
+    bare.load_state_dict(state["emas"][0])
+    b = sample(bare, y, (3, 16, 16), 3, scfg, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and not calls
+
+
+def test_linear_cka():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 16, generator=g)
+    Q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
+    assert linear_cka(X, 3 * X @ Q) == pytest.approx(1.0, abs=1e-9)
+    assert linear_cka(X, torch.randn(200, 16, generator=g)) < 0.2
