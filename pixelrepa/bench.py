@@ -29,24 +29,37 @@ class Contender:
 
 
 def jit_train_step(net: JiT, batch: int, device: torch.device, flow: FlowConfig = FlowConfig(), ema_decays=(0.9999, 0.9996),
-                   compile: bool = False):
-    """The training loop's work on one batch: noising, x-pred forward, v-loss, AdamW, two EMAs."""
-    fwd = torch.compile(net) if compile else net
+                   compile: bool = False, method: str = "jit", enc_dim: int = 1280, encoder=None, proj_hidden: int = 2048):
+    """The training loop's work on one batch: noising, x-pred forward, v-loss, AdamW, two EMAs.
+
+    With an alignment ``method``, its head and loss too; targets are fixed tensors of width ``enc_dim``
+    (cached features) unless an ``encoder`` is given, which then runs on every step.
+    """
+    from .align import AlignConfig, build_head, cosine_loss, token_mask
+    from .train import Trainable
+    acfg = AlignConfig(method, proj_hidden=proj_hidden)
+    head = build_head(acfg, net.cfg, encoder.dim if encoder is not None else enc_dim)
+    model = Trainable(net, head.to(device) if head is not None else None, acfg.depth(net.cfg))
+    fwd = torch.compile(model) if compile else model
     res, C = net.cfg.input_size, net.cfg.num_classes
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(batch, 3, res, res, generator=g) * 2 - 1).to(device)
     y = torch.randint(0, C + 1, (batch,), generator=g).to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
     params = list(net.parameters())
+    target = torch.randn(batch, net.cfg.num_patches, enc_dim, generator=g).to(device)
     emas = [[p.detach().clone() for p in params] for _ in ema_decays]
     amp = device.type == "cuda"
 
     def step():
         t = sample_t(batch, flow, g).to(device)
         z = add_noise(x, t, flow.noise_scale * torch.randn(x.shape, generator=g).to(device))
+        mask = token_mask(batch, net.cfg.num_patches, acfg.ratio, g)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            x_pred = fwd(z, t, y)
+            x_pred, pred = fwd(z, t, y, None if mask is None else mask.to(device))
         loss = v_loss(x_pred.float(), x, z, t, flow.t_eps).mean()
+        if pred is not None:
+            loss = loss + acfg.loss_coef * cosine_loss(pred, target if encoder is None else encoder(x))[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -146,6 +159,35 @@ def bench_train(model: str, resolution: int, batch: int, device: torch.device, s
     return rec
 
 
+def bench_methods(model: str, resolution: int, batch: int, device: torch.device, steps: int, rounds: int,
+                  num_classes: int = 22, encoder: str | None = "effnet-lite0", proj_hidden: int = 2048,
+                  compile: bool = False) -> dict:
+    """Training step cost of repa, adapter and pixelrepa relative to vanilla jit: with cached targets
+    (a fixed feature tensor) and, when ``encoder`` is given, with the encoder run on every batch."""
+    def step(method, enc=None):
+        torch.manual_seed(0)
+        net = JiT(jit_config(model, resolution, num_classes)).to(device)
+        return Contender(method + ("+encoder" if enc is not None else ""),
+                         jit_train_step(net, batch, device, method=method, encoder=enc, proj_hidden=proj_hidden,
+                                        compile=compile), batch)
+    contenders = [step(m) for m in ("jit", "repa", "adapter", "pixelrepa")]
+    enc_name = None
+    if encoder:
+        from .encoders import build_encoder
+        grid = resolution // jit_config(model, resolution, num_classes).patch_size
+        enc = build_encoder(encoder, grid, device=device)
+        enc_name = enc.name
+        contenders += [step(m, enc) for m in ("repa", "pixelrepa")]
+    rates = race(contenders, device, steps, rounds)
+    base = rates["jit"]
+    rec = {"figure": "method_step_cost", "model": model, "resolution": resolution, "batch": batch,
+           "proj_hidden": proj_hidden, "encoder": enc_name, "compiled": compile,
+           "images_per_s": {k: round(v, 2) for k, v in rates.items()},
+           "step_time_vs_jit": {k: round(base / v, 3) for k, v in rates.items()}}
+    rec.update(environment(device))
+    return rec
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m pixelrepa.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -157,14 +199,21 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--no_timm", action="store_true")
     p.add_argument("--no_compile", action="store_true", help="skip the torch.compile contenders (saves ~2 min)")
+    p.add_argument("--figures", nargs="+", default=["train", "methods"], choices=["train", "methods", "inception"])
+    p.add_argument("--proj_hidden", type=int, default=2048, help="REPA projector width for the method costs")
     a = p.parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
+    torch.set_flush_denormal(True)  # as training does: denormals made single contenders 5x slower
     models = a.model or ["JiT-Ti/4", "JiT-Ti/8"]
     resolutions = a.resolution or [32, 64][:len(models)]
     if len(resolutions) != len(models):
         p.error("give one --resolution per --model")
     for model, res in zip(models, resolutions):
-        emit(bench_train(model, res, a.batch, device, a.steps, a.rounds, with_timm=not a.no_timm, compile=not a.no_compile))
+        if "train" in a.figures:
+            emit(bench_train(model, res, a.batch, device, a.steps, a.rounds, with_timm=not a.no_timm,
+                             compile=not a.no_compile))
+        if "methods" in a.figures:
+            emit(bench_methods(model, res, a.batch, device, a.steps, a.rounds, proj_hidden=a.proj_hidden))
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ def generate(net: Net, n: int, num_classes: int, shape: tuple[int, ...], cfg: Sa
     Each batch draws its noise from (seed, index of its first image): the same call gives the same
     images whatever ran before it.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
     from .data import from_model_range
     labels = balanced_labels(n, num_classes) if labels is None else labels
     out = []

@@ -122,3 +122,27 @@ def test_linear_cka():
     Q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
     assert linear_cka(X, 3 * X @ Q) == pytest.approx(1.0, abs=1e-9)
     assert linear_cka(X, torch.randn(200, 16, generator=g)) < 0.2
+
+
+def test_cached_targets_equal_the_encoder_on_the_flipped_batch(tmp_path):
+    """The training loop flips images at random and reads cached features by (index, flip): they must
+    be the features of exactly the image it trains on."""
+    from pixelrepa.data import ImageDataset, to_model_range
+    from pixelrepa.jit import jit_config
+    from pixelrepa.train import TrainConfig, make_targets
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 16, 16), generator=g, dtype=torch.uint8)
+    ds = ImageDataset(["a", "b"], torch.tensor([0, 1, 0, 1, 0, 1]), 16, images=images)
+    jit_cfg = jit_config("JiT-Ti/4", 16, 2)
+    base = dict(model="JiT-Ti/4", dataset="openclipart", resolution=16, data_dir=str(tmp_path), method="pixelrepa",
+                progress=False)
+    cached, dim = make_targets(TrainConfig(**base), ds, jit_cfg, torch.device("cpu"))
+    online, _ = make_targets(TrainConfig(**base, cache_targets=False), ds, jit_cfg, torch.device("cpu"))
+    assert dim == 1280 and list(tmp_path.glob("features-*openclipart-train*"))
+    idx, flip = torch.tensor([4, 1, 2]), torch.tensor([True, False, True])
+    x = to_model_range(images[idx])
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    a, b = cached(idx, x, flip), online(idx, x, flip)
+    assert a.shape == (3, 16, 1280)
+    assert torch.allclose(a, b, atol=2e-2 * b.abs().max().item())  # fp16 cache
+    assert not torch.allclose(a[0], cached(idx, x, ~flip)[0], atol=1e-3)  # the flip matters

@@ -139,3 +139,15 @@ def test_two_torchrun_processes_match_one_process(tmp_path):
     first = torch.load(one / "ckpt-00000003.pt", weights_only=False)
     moved = max((a["model"][k] - first["model"][k]).abs().max().item() for k in a["model"])
     assert moved > 50 * 1e-5
+
+
+def test_load_jit_gives_the_ema_weights_without_a_head(tmp_path, image_folder):
+    from pixelrepa.train import load_jit
+    out = tmp_path / "run"
+    train(TrainConfig(**tiny_args(image_folder, out, steps=3)))
+    net, cfg = load_jit(out, "ema1")
+    state = torch.load(out / "ckpt-00000003.pt", weights_only=False)
+    assert cfg["model"] == "JiT-Ti/4" and not net.training
+    assert all(torch.equal(v, state["emas"][1][k]) for k, v in net.state_dict().items())
+    with pytest.raises(FileNotFoundError, match="no readable checkpoint"):
+        load_jit(tmp_path)
