@@ -72,6 +72,10 @@ class TrainConfig:
     mask_ratio: float = -1.0
     proj_hidden: int = 2048
     cache_targets: bool = True  # built-in datasets: encoder features computed once and cached under data_dir
+    # convergence: FID/KID of eval_samples EMA samples against the held-out split, every eval_every steps
+    eval_every: int = 0  # 0: never
+    eval_samples: int = 256
+    eval_steps: int = 25
 
     def __post_init__(self):
         def bad(name, why):
@@ -94,8 +98,11 @@ class TrainConfig:
         for name in ("attn_drop", "proj_drop"):
             if not (getattr(self, name) == -1.0 or 0 <= getattr(self, name) < 1):
                 bad(name, "must be in [0, 1), or -1 for the registry's value")
-        if self.num_samples < 0 or self.num_workers < 0:
-            bad("num_samples" if self.num_samples < 0 else "num_workers", "must be >= 0")
+        for name in ("num_samples", "num_workers", "eval_every"):
+            if getattr(self, name) < 0:
+                bad(name, "must be >= 0")
+        if self.eval_every and (self.eval_samples < 2 or self.eval_steps < 1):
+            bad("eval_samples" if self.eval_samples < 2 else "eval_steps", "must be >= 2 (samples) and >= 1 (steps)")
         if self.device not in ("auto", "cpu", "cuda"):
             bad("device", "must be auto, cpu or cuda")
         self.flow  # validates P_std, noise_scale, t_eps, label_drop
@@ -355,6 +362,11 @@ def train(cfg: TrainConfig) -> Path:
             append_log(log_path, rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             t_last, n_last = now, 0
+        if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+            if rank == 0:
+                append_log(log_path, {"step": done, "images": done * B, **evaluate(cfg, emas[0], ds.num_classes, device)})
+            if dist.is_initialized():
+                dist.barrier()
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             save_checkpoint(out_dir, cfg, done, model, head, emas, opt, rank)
     bar.close()
@@ -405,6 +417,19 @@ def report_nonfinite(out_dir: Path, cfg: TrainConfig, step: int, indices: torch.
     path.write_text(json.dumps(info))
     raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; the last good checkpoint is kept "
                              f"in {out_dir}; what reproduces it (seed, step, batch indices) is in {path}")
+
+
+def evaluate(cfg: TrainConfig, ema: JiT, num_classes: int, device: torch.device) -> dict:
+    """FID and KID (torch-fidelity, offline Inception) of class-balanced EMA samples against the
+    dataset's held-out split: a small-sample estimate for convergence curves, not a final number."""
+    from .metrics import compute_metrics, reference_stats
+    scfg = SamplerConfig(steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, noise_scale=cfg.noise_scale, t_eps=cfg.t_eps)
+    imgs, _ = generate(ema, cfg.eval_samples, num_classes, (3, cfg.resolution, cfg.resolution), scfg,
+                       seed=cfg.seed + 1, device=device, progress=False)
+    ref = reference_stats(cfg.dataset, cfg.resolution, "eval", data_dir=cfg.data_dir)
+    m = compute_metrics(imgs, ref_stats=ref, dataset=cfg.dataset, data_dir=cfg.data_dir, device=device)
+    return {"eval_fid": round(m["fid"], 4), "eval_kid": round(m["kid_mean"], 6), "eval_n": cfg.eval_samples,
+            "eval_n_real": m["n_real"], "eval_steps": cfg.eval_steps}
 
 
 def save_samples(out_dir: Path, cfg: TrainConfig, ema: JiT, num_classes: int, device: torch.device):

@@ -151,3 +151,13 @@ def test_load_jit_gives_the_ema_weights_without_a_head(tmp_path, image_folder):
     assert all(torch.equal(v, state["emas"][1][k]) for k, v in net.state_dict().items())
     with pytest.raises(FileNotFoundError, match="no readable checkpoint"):
         load_jit(tmp_path)
+
+
+@pytest.mark.slow
+def test_training_logs_fid_against_held_out_images(tmp_path, image_folder):
+    out = tmp_path / "run"
+    train(TrainConfig(**tiny_args(image_folder, out, steps=4, eval_every=2, eval_samples=6, eval_steps=2)))
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in recs if "eval_fid" in r]
+    assert [r["step"] for r in evals] == [2, 4] and [r["images"] for r in evals] == [16, 32]
+    assert all(r["eval_fid"] > 0 and r["eval_n"] == 6 and r["eval_n_real"] == 24 for r in evals)
