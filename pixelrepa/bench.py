@@ -199,7 +199,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--no_timm", action="store_true")
     p.add_argument("--no_compile", action="store_true", help="skip the torch.compile contenders (saves ~2 min)")
-    p.add_argument("--figures", nargs="+", default=["train", "methods"], choices=["train", "methods", "inception"])
+    p.add_argument("--figures", nargs="+", default=["inception", "train", "methods"], choices=["train", "methods", "inception"])
     p.add_argument("--proj_hidden", type=int, default=2048, help="REPA projector width for the method costs")
     a = p.parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
@@ -208,6 +208,11 @@ def main(argv=None):
     resolutions = a.resolution or [32, 64][:len(models)]
     if len(resolutions) != len(models):
         p.error("give one --resolution per --model")
+    if "inception" in a.figures:
+        from .metrics import bench_inception
+        rec = bench_inception(n=128, device=device)
+        emit({"figure": "inception_images_per_s", "images_per_s": round(rec.pop("images_per_s"), 2), **rec,
+              **environment(device)})
     for model, res in zip(models, resolutions):
         if "train" in a.figures:
             emit(bench_train(model, res, a.batch, device, a.steps, a.rounds, with_timm=not a.no_timm,

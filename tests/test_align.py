@@ -146,3 +146,24 @@ def test_cached_targets_equal_the_encoder_on_the_flipped_batch(tmp_path):
     assert a.shape == (3, 16, 1280)
     assert torch.allclose(a, b, atol=2e-2 * b.abs().max().item())  # fp16 cache
     assert not torch.allclose(a[0], cached(idx, x, ~flip)[0], atol=1e-3)  # the flip matters
+
+
+def test_probe_alignment_records_every_block_and_t():
+    from pixelrepa.align import probe_alignment
+    torch.manual_seed(0)
+    net = build_jit("JiT-Ti/4", 32, 5).eval()
+    with torch.no_grad():
+        for b in net.blocks:
+            b.adaLN_modulation[-1].bias.normal_(0, 0.5)
+    x = torch.rand(24, 3, 32, 32) * 2 - 1
+    y = torch.randint(0, 5, (24,))
+    target = torch.randn(24, 64, 40)
+    recs = probe_alignment(net, x, y, target, ts=(0.3, 0.9), blocks=(4, 1))
+    assert [(r["block"], r["t"]) for r in recs] == [(1, 0.3), (4, 0.3), (1, 0.9), (4, 0.9)]
+    assert all(0 <= r["cka"] <= 1 for r in recs)
+    # a target equal to the block-1 state up to rotation and scale is perfectly aligned with it
+    # (at t = 1 the probe's input is the clean image itself)
+    _, (h1,) = net(x, torch.full((24,), 1.0), y, hidden_at=(1,))
+    Q, _ = torch.linalg.qr(torch.randn(192, 192))
+    recs = probe_alignment(net, x, y, 3 * h1 @ Q, ts=(1.0,), blocks=(1,))
+    assert recs[0]["cka"] == pytest.approx(1.0, abs=1e-6)
