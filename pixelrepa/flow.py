@@ -101,11 +101,17 @@ def guided_velocity(net: Net, z: torch.Tensor, t: float, y: torch.Tensor, null_c
 
 @torch.no_grad()
 def sample(net: Net, y: torch.Tensor, shape: tuple[int, ...], null_class: int, cfg: SamplerConfig = SamplerConfig(),
-           generator: torch.Generator | None = None, z: torch.Tensor | None = None) -> torch.Tensor:
-    """Integrate from z_0 = noise_scale * N(0, I) at t = 0 to t = 1; returns x in model range."""
+           generator: torch.Generator | None = None, z: torch.Tensor | None = None, t_start: float = 0.0) -> torch.Tensor:
+    """Integrate from z_0 = noise_scale * N(0, I) at t = 0 to t = 1; returns x in model range.
+
+    With ``z`` and ``t_start`` it integrates a given noisy state from t_start to 1 on the grid
+    linspace(t_start, 1, steps + 1): the partial denoising of the feature-hacking diagnostic.
+    """
+    if not 0 <= t_start < 1:
+        raise ValueError(f"t_start={t_start!r}: must be in [0, 1)")
     if z is None:
         z = cfg.noise_scale * torch.randn((y.shape[0], *shape), generator=generator).to(y.device)
-    ts = torch.linspace(0, 1, cfg.steps + 1).tolist()
+    ts = torch.linspace(t_start, 1, cfg.steps + 1).tolist()
     for i in range(cfg.steps):
         t, t_next = ts[i], ts[i + 1]
         v = guided_velocity(net, z, t, y, null_class, cfg)
