@@ -17,7 +17,6 @@ eigenproblem (~3 s) to one of size n_fake + n_real when that is smaller.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,8 +24,6 @@ import torch
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
-from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
 from . import metrics
 from .data import from_model_range, to_model_range
@@ -146,23 +143,6 @@ def denoise_from(net: Net, x: torch.Tensor, y: torch.Tensor, t: float, cfg: Samp
 
 # ----------------------------------------------------------------------------- Frechet distance, bootstrapped
 
-@functools.lru_cache(maxsize=4)
-def _extractor(name: str, weights_path: str | None, cuda: bool):
-    layer = FEATURE_EXTRACTORS_REGISTRY[name].get_default_feature_layer_for_metric("fid")
-    return create_feature_extractor(name, [layer], cuda=cuda, feature_extractor_weights_path=weights_path,
-                                    verbose=False), layer
-
-
-def fidelity_features(images: torch.Tensor, feature_extractor: str = metrics.INCEPTION, *, data_dir="data",
-                      batch_size: int = 64, device: str | torch.device = "cpu") -> torch.Tensor:
-    """(N, D) features that torch-fidelity's FID would use for uint8 images (N, 3, H, W): Inception's
-    2048-d pool, or the token-mean of an encoder registered in `metrics` (e.g. 'effnet-lite0')."""
-    weights_path, _ = metrics._weights(feature_extractor, None, data_dir)
-    cuda = torch.device(device).type == "cuda"
-    net, layer = _extractor(feature_extractor, weights_path, cuda)
-    return get_featuresdict_from_dataset(metrics.Images(images), net, batch_size, cuda, True, False)[layer]
-
-
 def _joint_basis(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """a and b (float64) in an orthonormal basis of a space holding every row of both (an isometry)."""
     a, b = a.double(), b.double()
@@ -232,7 +212,7 @@ def feature_hacking(models: dict[str, Net], images: torch.Tensor, labels: torch.
     extractors = {"fid": metrics.INCEPTION, metrics.FD_KEYS[cfg.encoder]: cfg.encoder}
     kw = dict(data_dir=cfg.data_dir, batch_size=cfg.batch_size, device=cfg.device)
     if features is None:
-        features = fidelity_features(images, cfg.encoder, **kw)
+        features = metrics.features(images, cfg.encoder, **kw)
     subsets = similarity_subsets(features, labels, cfg.n_per_class)
     records = []
     for subset in SUBSETS:
@@ -242,14 +222,14 @@ def feature_hacking(models: dict[str, Net], images: torch.Tensor, labels: torch.
                              f"use classes with at least 2 images each")
         real = images[idx]
         x, y = to_model_range(real).to(cfg.device), labels[idx].long().to(cfg.device)
-        real_features = {key: fidelity_features(real, ext, **kw) for key, ext in extractors.items()}
+        real_features = {key: metrics.features(real, ext, **kw) for key, ext in extractors.items()}
         for name, net in models.items():
             x_rec = denoise_from(net, x, y, cfg.t, cfg.sampler, cfg.seed, batch_size=cfg.batch_size)
             fake = from_model_range(x_rec.cpu())
             rec = {"model": name, "subset": subset, "n": len(idx), "t": cfg.t,
                    "mean_similarity": float(subsets["sims"].cpu()[idx].mean())}
             for key, ext in extractors.items():
-                v, lo, hi = bootstrap_frechet(fidelity_features(fake, ext, **kw), real_features[key],
+                v, lo, hi = bootstrap_frechet(metrics.features(fake, ext, **kw), real_features[key],
                                               cfg.n_boot, cfg.seed, cfg.ci)
                 rec |= {key: v, f"{key}_lo": lo, f"{key}_hi": hi}
             records.append(rec)
@@ -286,5 +266,5 @@ def same_token_models(base: str = "JiT-Ti", resolutions: tuple[int, ...] = (32, 
 
 
 __all__ = ["DiagnosticConfig", "SUBSETS", "pooled", "class_centroids", "similarity_subsets", "denoise_from",
-           "fidelity_features", "frechet_distance", "bootstrap_frechet", "feature_hacking", "tokens",
+           "frechet_distance", "bootstrap_frechet", "feature_hacking", "tokens",
            "same_token_models"]

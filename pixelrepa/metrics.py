@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from torch_fidelity import FeatureExtractorBase, FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
 from .data import _atomic_save, load_dataset, to_model_range
 
@@ -310,6 +311,23 @@ def reference_stats(dataset: str, resolution: int, split: str = "eval", n: int |
            "weights": _weights_id(feature_extractor, _weights(feature_extractor, weights, data_dir)[0]),
            "version": FORMAT_VERSION}
     return RefStats(key, images, Path(data_dir) / "fidelity_cache")
+
+
+@functools.lru_cache(maxsize=4)
+def _extractor(name: str, weights_path: str | None, cuda: bool):
+    layer = FEATURE_EXTRACTORS_REGISTRY[name].get_default_feature_layer_for_metric("fid")
+    return create_feature_extractor(name, [layer], cuda=cuda, feature_extractor_weights_path=weights_path,
+                                    verbose=False), layer
+
+
+def features(images: torch.Tensor, feature_extractor: str = INCEPTION, *, data_dir="data",
+             batch_size: int = 64, device: str | torch.device = "cpu") -> torch.Tensor:
+    """(N, D) features that torch-fidelity's FID would use for uint8 images (N, 3, H, W): Inception's
+    2048-d pool, or the token-mean of an encoder registered here (e.g. 'effnet-lite0')."""
+    weights_path, _ = _weights(feature_extractor, None, data_dir)
+    cuda = torch.device(device).type == "cuda"
+    net, layer = _extractor(feature_extractor, weights_path, cuda)
+    return get_featuresdict_from_dataset(Images(images), net, batch_size, cuda, True, False)[layer]
 
 
 def compute_metrics(fake: torch.Tensor, real: torch.Tensor | None = None, *, ref_stats: RefStats | None = None,

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pixelrepa import diagnostics as dg
+from pixelrepa import metrics
 from pixelrepa.flow import SamplerConfig, sample
 
 
@@ -250,6 +251,6 @@ def test_feature_hacking_end_to_end():
 def test_fidelity_features_give_compute_metrics_fid():
     from pixelrepa import metrics
     images = torch.randint(0, 256, (4, 3, 32, 32), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
-    f = dg.fidelity_features(images)
+    f = metrics.features(images)
     ours = dg.frechet_distance(f[:2], f[2:])
     assert math.isclose(ours, metrics.compute_metrics(images[:2], images[2:], kid=False)["fid"], rel_tol=1e-6)
