@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
@@ -291,6 +292,11 @@ def train(cfg: TrainConfig) -> Path:
             ema.load_state_dict(sd)
         opt.load_state_dict(saved["opt"])
         start = saved["step"]
+    stale = [d for d in cfg.ema_decays if d ** cfg.steps > 0.05]
+    if stale and rank == 0:
+        warnings.warn(f"EMA decay(s) {stale} keep {max(stale) ** cfg.steps:.0%} of the initial weights after "
+                      f"{cfg.steps} steps (the zero-initialised JiT predicts grey): samples from them show the "
+                      "initialisation, not training; use shorter --ema_decays for short runs")
     log_path = out_dir / "metrics.jsonl"
     if rank == 0:
         truncate_log(log_path, start)  # steps after the checkpoint will be logged again

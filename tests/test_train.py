@@ -161,3 +161,8 @@ def test_training_logs_fid_against_held_out_images(tmp_path, image_folder):
     evals = [r for r in recs if "eval_fid" in r]
     assert [r["step"] for r in evals] == [2, 4] and [r["images"] for r in evals] == [16, 32]
     assert all(r["eval_fid"] > 0 and r["eval_n"] == 6 and r["eval_n_real"] == 24 for r in evals)
+
+
+def test_short_run_with_long_ema_warns_that_samples_show_the_initialisation(tmp_path, image_folder):
+    with pytest.warns(UserWarning, match="initial weights"):
+        train(TrainConfig(**tiny_args(image_folder, tmp_path / "run", steps=3, ema_decays=(0.9999,))))
