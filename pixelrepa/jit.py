@@ -9,7 +9,7 @@ for classifier-free guidance and a zero-initialised final layer. The diffusion p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, asdict, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -348,4 +348,4 @@ def count_params(module: nn.Module) -> int:
 
 
 __all__ = ["MODELS", "JiTConfig", "JiT", "JiTBlock", "jit_config", "build_jit", "count_params",
-           "rope_2d", "apply_rope", "sincos_2d", "asdict", "replace"]
+           "rope_2d", "apply_rope", "sincos_2d"]

@@ -249,7 +249,6 @@ def test_feature_hacking_end_to_end():
 
 @pytest.mark.slow
 def test_fidelity_features_give_compute_metrics_fid():
-    from pixelrepa import metrics
     images = torch.randint(0, 256, (4, 3, 32, 32), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     f = metrics.features(images)
     ours = dg.frechet_distance(f[:2], f[2:])

@@ -2,7 +2,6 @@ import json
 import signal
 import subprocess
 import time
-from dataclasses import asdict
 
 import pytest
 import torch
