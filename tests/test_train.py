@@ -165,3 +165,28 @@ def test_training_logs_fid_against_held_out_images(tmp_path, image_folder):
 def test_short_run_with_long_ema_warns_that_samples_show_the_initialisation(tmp_path, image_folder):
     with pytest.warns(UserWarning, match="initial weights"):
         train(TrainConfig(**tiny_args(image_folder, tmp_path / "run", steps=3, ema_decays=(0.9999,))))
+
+
+def test_truncated_latest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, image_folder, capfd):
+    out = tmp_path / "run"
+    train(TrainConfig(**tiny_args(image_folder, out, steps=6)))  # checkpoints at 3 and 6
+    latest = out / "ckpt-00000006.pt"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    from pixelrepa.train import load_latest
+    state = load_latest(out)
+    assert state["step"] == 3
+    assert "ckpt-00000006.pt is unreadable" in capfd.readouterr().err
+    # training resumes from step 3 and ends with the uninterrupted run's weights
+    ref = tmp_path / "ref"
+    train(TrainConfig(**tiny_args(image_folder, ref, steps=6)))
+    train(TrainConfig(**tiny_args(image_folder, out, steps=6)))
+    assert_same_state(load_final(ref, 6), load_final(out, 6))
+
+
+def test_non_finite_loss_stops_with_what_reproduces_it(tmp_path, image_folder):
+    out = tmp_path / "run"
+    # an absurd learning rate: the first update sends the weights to inf, the second loss is not finite
+    with pytest.raises(FloatingPointError, match="at step 1"):
+        train(TrainConfig(**tiny_args(image_folder, out, steps=3, blr=1e308, warmup_epochs=0)))
+    info = json.loads((out / "nonfinite-step00000001.json").read_text())
+    assert info["step"] == 1 and info["seed"] == 3 and len(info["batch_indices"]) == 8
