@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .flow import FlowConfig, add_noise, sample_t, v_loss
+from .flow import FlowConfig, sample_t
 from .jit import JiT, count_params, jit_config
 
 
@@ -35,8 +35,8 @@ def jit_train_step(net: JiT, batch: int, device: torch.device, flow: FlowConfig 
     With an alignment ``method``, its head and loss too; targets are fixed tensors of width ``enc_dim``
     (cached features) unless an ``encoder`` is given, which then runs on every step.
     """
-    from .align import AlignConfig, build_head, cosine_loss, token_mask
-    from .train import Trainable
+    from .align import AlignConfig, build_head, token_mask
+    from .train import Trainable, step_loss, update_emas
     acfg = AlignConfig(method, proj_hidden=proj_hidden)
     head = build_head(acfg, net.cfg, encoder.dim if encoder is not None else enc_dim)
     model = Trainable(net, head.to(device) if head is not None else None, acfg.depth(net.cfg))
@@ -49,23 +49,17 @@ def jit_train_step(net: JiT, batch: int, device: torch.device, flow: FlowConfig 
     params = list(net.parameters())
     target = torch.randn(batch, net.cfg.num_patches, enc_dim, generator=g).to(device)
     emas = [[p.detach().clone() for p in params] for _ in ema_decays]
-    amp = device.type == "cuda"
 
     def step():
         t = sample_t(batch, flow, g).to(device)
-        z = add_noise(x, t, flow.noise_scale * torch.randn(x.shape, generator=g).to(device))
+        e = flow.noise_scale * torch.randn(x.shape, generator=g).to(device)
         mask = token_mask(batch, net.cfg.num_patches, acfg.ratio, g)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            x_pred, pred = fwd(z, t, y, None if mask is None else mask.to(device))
-        loss = v_loss(x_pred.float(), x, z, t, flow.t_eps).mean()
-        if pred is not None:
-            loss = loss + acfg.loss_coef * cosine_loss(pred, target if encoder is None else encoder(x))[0]
+        loss, _, _ = step_loss(fwd, x, y, t, e, flow.t_eps, None if mask is None else mask.to(device),
+                               lambda: target if encoder is None else encoder(x), acfg.loss_coef)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            for ema, d in zip(emas, ema_decays):
-                torch._foreach_lerp_(ema, params, 1 - d)
+        update_emas(emas, params, ema_decays)
     return step
 
 
@@ -202,7 +196,8 @@ def main(argv=None):
     p.add_argument("--figures", nargs="+", default=["inception", "train", "methods"], choices=["train", "methods", "inception"])
     p.add_argument("--proj_hidden", type=int, default=2048, help="REPA projector width for the method costs")
     a = p.parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
+    from .train import resolve_device
+    device = resolve_device(a.device)
     torch.set_flush_denormal(True)  # as training does: denormals made single contenders 5x slower
     models = a.model or ["JiT-Ti/4", "JiT-Ti/8"]
     resolutions = a.resolution or [32, 64][:len(models)]

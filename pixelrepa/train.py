@@ -148,12 +148,14 @@ class StepBatches(torch.utils.data.Sampler):
         if n < global_batch:
             raise ValueError(f"dataset has {n} images, fewer than one global batch of {global_batch}")
         self.n, self.B, self.seed, self.start, self.stop, self.rank, self.world = n, global_batch, seed, start, stop, rank, world
+        self._epoch, self._perm = None, None
 
     def global_indices(self, step: int) -> torch.Tensor:
-        per_epoch = self.n // self.B
-        epoch, k = divmod(step, per_epoch)
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-        return perm[k * self.B:(k + 1) * self.B]
+        epoch, k = divmod(step, self.n // self.B)
+        if epoch != self._epoch:  # one permutation per epoch, not per call (ImageNet: 1.28M entries)
+            self._epoch = epoch
+            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+        return self._perm[k * self.B:(k + 1) * self.B]
 
     def __iter__(self):
         b = self.B // self.world
@@ -176,6 +178,29 @@ class Trainable(nn.Module):
             return self.jit(z, t, y), None
         x_pred, (h,) = self.jit(z, t, y, hidden_at=(self.depth,))
         return x_pred, self.head(h, t, y, mask)
+
+
+def step_loss(net: nn.Module, x, y, t, e, t_eps: float, mask=None, target=None, coef: float = 0.0):
+    """One batch's objective: the v-loss of the x-prediction plus ``coef`` times the alignment loss.
+
+    ``net`` is a ``Trainable`` (or its DDP/compiled wrapper); ``target()`` gives the encoder tokens and
+    is called only when the net has a head. Returns (loss, per-sample v-loss, per-token cosines or None).
+    """
+    z = add_noise(x, t, e)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        x_pred, pred = net(z, t, y, mask)
+    per_sample = v_loss(x_pred.float(), x, z, t, t_eps)
+    loss, cos = per_sample.mean(), None
+    if pred is not None:
+        align_loss, cos = cosine_loss(pred, target())
+        loss = loss + coef * align_loss
+    return loss, per_sample, cos
+
+
+@torch.no_grad()
+def update_emas(emas: list[list[torch.Tensor]], params: list[torch.Tensor], decays) -> None:
+    for ema, decay in zip(emas, decays):
+        torch._foreach_lerp_(ema, params, 1 - decay)
 
 
 def make_targets(cfg: TrainConfig, ds, jit_cfg: JiTConfig, device: torch.device):
@@ -316,6 +341,8 @@ def train(cfg: TrainConfig) -> Path:
     flow = cfg.flow
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not (cfg.progress and rank == 0),
                dynamic_ncols=True)
+    params = list(model.parameters())
+    ema_params = [list(ema.parameters()) for ema in emas]
     t_last, n_last = time.perf_counter(), 0
     trainable.train()
     for step, (img, y) in enumerate(loader, start=start):
@@ -335,24 +362,15 @@ def train(cfg: TrainConfig) -> Path:
         torch.manual_seed(cfg.seed * 1_000_003 + step * 64 + rank)  # dropout draws, reproducible on resume
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg, steps_per_epoch)
-        z = add_noise(x, t, e)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            x_pred, pred = net(z, t, y, mask)
-        per_sample = v_loss(x_pred.float(), x, z, t, flow.t_eps)
-        loss = per_sample.mean()
-        if pred is not None:
-            target = targets(sampler.global_indices(step)[sl], x, flip)
-            align_loss, cos = cosine_loss(pred, target)
-            loss = loss + align.loss_coef * align_loss
+        loss, per_sample, cos = step_loss(net, x, y, t, e, flow.t_eps, mask,
+                                          lambda: targets(sampler.global_indices(step)[sl], x, flip),
+                                          align.loss_coef)
         if not torch.isfinite(loss):
             report_nonfinite(out_dir, cfg, step, sampler.global_indices(step), loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            params = list(model.parameters())
-            for ema, decay in zip(emas, cfg.ema_decays):
-                torch._foreach_lerp_(list(ema.parameters()), params, 1 - decay)
+        update_emas(ema_params, params, cfg.ema_decays)
         bar.update(1)
         n_last += B
         done = step + 1
@@ -361,7 +379,7 @@ def train(cfg: TrainConfig) -> Path:
             rec = {"step": done, "images": done * B, "loss": round(loss.item(), 6), "lr": opt.param_groups[0]["lr"],
                    "images_per_s": round(n_last / (now - t_last), 2)}
             rec.update(loss_by_t(per_sample.detach(), t))
-            if pred is not None:
+            if cos is not None:
                 rec["align_cos"] = round(cos.mean().item(), 6)
                 if mask is not None:
                     rec["align_cos_masked"] = round(cos[mask].mean().item(), 6)
