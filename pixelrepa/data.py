@@ -407,3 +407,16 @@ def load_dataset(name: str, resolution: int, split: str = "train",
         raise DatasetError(f"{path} is a file, not an ImageFolder directory (root/<class>/<image>)")
     raise DatasetError(f"unknown dataset {name!r}: built-in names are {', '.join(DATASETS)}, or pass "
                        f"the path of an ImageFolder directory, but path {str(path)!r} does not exist")
+
+
+def take(ds: ImageDataset, n: int, seed: int = 0) -> ImageDataset:
+    """The first ``n`` images of a seeded permutation of an in-memory dataset (classes kept, so labels
+    mean the same): a small training set that many passes fit into, the same at every resolution."""
+    if ds.images is None:
+        raise DatasetError("take() needs an in-memory (built-in) dataset; for an ImageFolder, make a "
+                           "smaller folder")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(ds):
+        raise ValueError(f"cannot take {n!r} images from a dataset of {len(ds)}")
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return ImageDataset(ds.classes, ds.labels[idx], ds.resolution, images=ds.images[idx],
+                        sources=[ds.sources[i] for i in idx.tolist()], num_skipped=ds.num_skipped)

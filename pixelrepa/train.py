@@ -39,6 +39,7 @@ class TrainConfig:
     model: str = "JiT-Ti/4"
     dataset: str = "openclipart"  # a built-in name (data.DATASETS) or an ImageFolder path
     resolution: int = 32
+    train_images: int = 0  # > 0: a fixed seeded subset of the built-in train split (many passes, little CPU)
     data_dir: str = "data"
     out_dir: str = "runs/default"
     steps: int = 500
@@ -77,6 +78,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: never
     eval_samples: int = 256
     eval_steps: int = 25
+    eval_real: int = 0  # held-out images in the FID reference (0: the whole eval split)
 
     def __post_init__(self):
         def bad(name, why):
@@ -99,7 +101,7 @@ class TrainConfig:
         for name in ("attn_drop", "proj_drop"):
             if not (getattr(self, name) == -1.0 or 0 <= getattr(self, name) < 1):
                 bad(name, "must be in [0, 1), or -1 for the registry's value")
-        for name in ("num_samples", "num_workers", "eval_every"):
+        for name in ("num_samples", "num_workers", "eval_every", "train_images", "eval_real"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
         if self.eval_every and (self.eval_samples < 2 or self.eval_steps < 1):
@@ -210,7 +212,8 @@ def make_targets(cfg: TrainConfig, ds, jit_cfg: JiTConfig, device: torch.device)
     from . import encoders
     enc = encoders.build_encoder(cfg.encoder, jit_cfg.grid, weights=cfg.encoder_weights or None, device=device)
     if cfg.cache_targets and getattr(ds, "images", None) is not None and cfg.dataset in datalib.DATASETS:
-        feats = encoders.cached_features(enc, f"{cfg.dataset}-train", ds.images, cfg.resolution, cfg.data_dir,
+        name = f"{cfg.dataset}-train" + (f"{cfg.train_images}" if cfg.train_images else "")
+        feats = encoders.cached_features(enc, name, ds.images, cfg.resolution, cfg.data_dir,
                                          progress=cfg.progress and dist_info()[0] == 0)
         return (lambda idx, x, flip: encoders.select_targets(feats, idx, flip).to(device)), enc.dim
     return (lambda idx, x, flip: enc(x).float()), enc.dim
@@ -268,7 +271,7 @@ def load_jit(path: str | Path, which: str = "ema0", device: str | torch.device =
     return net.to(device).eval(), cfg
 
 
-COMPAT_FIELDS = ("model", "dataset", "resolution", "batch_size", "seed", "ema_decays", "method", "encoder",
+COMPAT_FIELDS = ("model", "dataset", "resolution", "train_images", "batch_size", "seed", "ema_decays", "method", "encoder",
                  "align_depth", "mask_ratio", "proj_hidden")
 
 
@@ -295,6 +298,8 @@ def train(cfg: TrainConfig) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     ds = datalib.load_dataset(cfg.dataset, cfg.resolution, "train", cfg.data_dir, progress=cfg.progress and rank == 0)
+    if cfg.train_images:
+        ds = datalib.take(ds, cfg.train_images)
     over = {k: v for k, v in (("attn_drop", cfg.attn_drop), ("proj_drop", cfg.proj_drop)) if v >= 0}
     jit_cfg = jit_config(cfg.model, cfg.resolution, ds.num_classes, **over)
     align = cfg.align
@@ -450,7 +455,7 @@ def evaluate(cfg: TrainConfig, ema: JiT, num_classes: int, device: torch.device)
     scfg = SamplerConfig(steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, noise_scale=cfg.noise_scale, t_eps=cfg.t_eps)
     imgs, _ = generate(ema, cfg.eval_samples, num_classes, (3, cfg.resolution, cfg.resolution), scfg,
                        seed=cfg.seed + 1, device=device, progress=False)
-    ref = reference_stats(cfg.dataset, cfg.resolution, "eval", data_dir=cfg.data_dir)
+    ref = reference_stats(cfg.dataset, cfg.resolution, "eval", n=cfg.eval_real or None, data_dir=cfg.data_dir)
     m = compute_metrics(imgs, ref_stats=ref, dataset=cfg.dataset, data_dir=cfg.data_dir, device=device)
     return {"eval_fid": round(m["fid"], 4), "eval_kid": round(m["kid_mean"], 6), "eval_n": cfg.eval_samples,
             "eval_n_real": m["n_real"], "eval_steps": cfg.eval_steps}
