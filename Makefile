@@ -4,10 +4,10 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := openclipart-png dataset-fashion-mnist
+APT_PACKAGES := openclipart-png dataset-fashion-mnist chromium
 PROFILE ?= quick
 
-.PHONY: study test bench setup apt clean-venv
+.PHONY: study test bench notebooks setup apt clean-venv
 
 setup: $(VENV)/.installed apt
 
@@ -19,7 +19,8 @@ $(VENV)/.installed: requirements.lock requirements-nodeps.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-# Debian data packages for the offline datasets, installed only when missing.
+# Debian packages, installed only when missing: the offline datasets, and chromium for static figures
+# (kaleido) and the JupyterLab browser test (playwright drives /usr/bin/chromium; nothing is downloaded).
 apt:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -31,8 +32,13 @@ apt:
 study: setup
 	$(PY) -m pixelrepa.study --profile $(PROFILE)
 
+# The unit tests, then strict nbval over the notebooks committed with their smoke-profile outputs.
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider tests notebooks --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+# Re-execute notebooks/ in place with their default (smoke) parameters: what nbval then compares against.
+notebooks: setup
+	for nb in notebooks/[0-9][0-9]_*.ipynb; do $(PY) -m papermill $$nb $$nb --cwd notebooks -k python3 --no-progress-bar || exit 1; done
 
 bench: setup
 	$(PY) -m pixelrepa.bench

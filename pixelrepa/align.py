@@ -71,6 +71,11 @@ class AlignConfig:
 
 def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """mean(1 - cos) over tokens and batch, and the per-token cosines (for logging and explorers)."""
+    if pred.shape != target.shape:
+        raise ValueError(f"alignment targets have shape {tuple(target.shape)} (batch, tokens, dim) but the head "
+                         f"predicts {tuple(pred.shape)}: the encoder must give one token per JiT patch "
+                         f"({pred.shape[1] if pred.ndim == 3 else '?'} here, the targets have "
+                         f"{target.shape[1] if target.ndim == 3 else '?'}) and the head must end at the encoder's width")
     cos = F.cosine_similarity(pred.float(), target.float(), dim=-1)
     return (1 - cos).mean(), cos.detach()
 

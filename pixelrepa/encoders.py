@@ -129,14 +129,11 @@ class EffNetLite0(Encoder):
 class DINOv2(Encoder):
     name, dim = "dinov2-b14", 768
 
-    def check_size(self, height: int, width: int) -> None:
-        s, g = self.image_size, self.grid
-        if (height, width) != (s, s):
-            raise ValueError(f"{self.name} was resampled to patch {s // g} px for {s} x {s} images "
-                             f"({g} x {g} tokens) but got {height} x {width} images; build it with "
-                             f"build_encoder('{self.name}', grid, image_size={height}) for that resolution")
-
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.image_size
+        if x.shape[-2:] != (s, s):  # e.g. 512 px images for a JiT/32: the 16 x 16 tokens of the 256 px view
+            x = F.interpolate(x, size=(s, s), mode="bicubic", align_corners=False,
+                              antialias=min(x.shape[-2:]) > s).clamp(-1, 1)
         mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
                      for v in (IMAGENET_MEAN, IMAGENET_STD))
         return ((x + 1) / 2 - mean) / std
@@ -255,13 +252,24 @@ def default_image_size(name: str, grid: int) -> int:
     return 16 * grid if name == "dinov2-b14" else 32 * grid * math.ceil(224 / (32 * grid))
 
 
+def check_resolution(name: str, grid: int, resolution: int) -> None:
+    """Raise ValueError, naming both sizes, if images of ``resolution`` px cannot give the encoder as
+    `build_encoder(name, grid)` makes it a ``grid x grid`` token map. Both encoders resize any image to
+    their ``image_size`` (dinov2-b14: 16 x grid, one 16 px patch per JiT token, as PixelREPA does), so
+    only a grid the encoder cannot make is refused."""
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; valid names: {', '.join(ENCODERS)}")
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1 or resolution < 1:
+        raise ValueError(f"{name}: a {grid} x {grid} token grid from {resolution} px images is not possible")
+
+
 def build_encoder(name: str, grid: int, weights: str | Path | None = None, device: str | torch.device = "cpu",
                   *, image_size: int | None = None, arch_overrides: dict | None = None) -> Encoder:
     """A frozen encoder giving ``grid x grid`` tokens.
 
     ``image_size``: effnet-lite0 resizes every image to it (default: the smallest multiple of
     32 * grid >= 224 px, 256 px at grid 8; pass 224 at grid 8 for ~1.5x the speed on the CPU, the
-    7 x 7 map then bilinearly resized); dinov2-b14 accepts only images of this size
+    7 x 7 map then bilinearly resized); dinov2-b14 also resizes to it
     (default 16 * grid, PixelREPA's patch 16) and ``image_size / grid`` must be an integer, its
     patch size. ``arch_overrides`` (dinov2 only, e.g. ``{"depth": 2}``) exist for tests.
     """
@@ -331,5 +339,5 @@ def select_targets(features: torch.Tensor, index: torch.Tensor, flipped: torch.T
 
 
 __all__ = ["ENCODERS", "DINOV2_ENV", "Encoder", "EncoderWeightsMissing", "build_encoder", "cached_features",
-           "default_image_size", "feature_cache_path", "find_dinov2_weights", "load_state_dict_file",
+           "check_resolution", "default_image_size", "feature_cache_path", "find_dinov2_weights", "load_state_dict_file",
            "select_targets"]

@@ -14,6 +14,7 @@ of a semantic encoder, go through the same code as registered torch-fidelity fea
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import importlib.util
 import json
@@ -277,7 +278,76 @@ class RefStats:
         return f"{slug}-{k['resolution']}px-{k['split']}-n{k['n']}-{digest}"
 
     def describe(self) -> str:
-        return "{dataset} at {resolution} px ({split} split, N={n}, {extractor})".format(**self.key)
+        return _describe(self.key)
+
+    @property
+    def key_file(self) -> Path:
+        return self.cache_root / f"{self.cache_name}.key.json"
+
+    def cache_files(self) -> list[Path]:
+        return sorted(self.cache_root.glob(f"{glob.escape(self.cache_name)}-*.pt"))
+
+
+def _describe(key) -> str:
+    try:
+        return "{dataset} at {resolution} px ({split} split, N={n}, {extractor})".format(**key)
+    except (KeyError, TypeError, AttributeError):
+        return f"an unknown reference ({str(key)[:80]})"
+
+
+def _legacy_cache_problem(ref: RefStats, files: list[Path]) -> str | None:
+    """A cache written before key files existed: it must load and hold features of N images."""
+    for f in files:
+        try:
+            obj = torch.load(f, map_location="cpu", weights_only=False)
+        except Exception as err:
+            return f"{f.name} is unreadable ({type(err).__name__}: {str(err)[:120]})"
+        if "-features-" in f.name and (not hasattr(obj, "shape") or obj.shape[0] != ref.key["n"]):
+            return f"{f.name} holds features of {getattr(obj, 'shape', ['?'])[0]} images, not {ref.key['n']}"
+    return None
+
+
+def check_reference_cache(ref: RefStats) -> bool:
+    """torch-fidelity reads whatever file carries the cache name. Ours are vouched for by a key file
+    written beside them (the full key and each file's size): a cache whose key file names another
+    dataset, resolution, split, N or extractor, whose files changed size (truncated, replaced), or
+    (made before key files) that does not load or holds another number of images, is reported with a
+    warning and deleted, so that it is rebuilt. Returns True if such a cache was deleted."""
+    files, kf = ref.cache_files(), ref.key_file
+    if not files:
+        kf.unlink(missing_ok=True)
+        return False
+    try:
+        record = json.loads(kf.read_text()) if kf.exists() else None
+    except (OSError, ValueError):
+        record = {}
+    if record is None:
+        problem = _legacy_cache_problem(ref, files)
+    elif not isinstance(record, dict) or record.get("key") != ref.key:
+        problem = (f"it was made for {_describe(record.get('key') if isinstance(record, dict) else None)}, "
+                   f"not {ref.describe()}")
+    else:
+        sizes = record.get("files", {})
+        changed = [f.name for f in files if sizes.get(f.name) != f.stat().st_size]
+        problem = f"{changed[0]} changed size after it was written (truncated or replaced)" if changed else None
+    if problem is None:
+        return False
+    warnings.warn(f"reference statistics cache {ref.cache_root / ref.cache_name}-*: {problem}; deleted, rebuilding",
+                  stacklevel=3)
+    for f in files:
+        f.unlink(missing_ok=True)
+    kf.unlink(missing_ok=True)
+    return True
+
+
+def _record_reference_cache(ref: RefStats) -> None:
+    files = ref.cache_files()
+    if files:
+        text = json.dumps({"key": ref.key, "files": {f.name: f.stat().st_size for f in files}}, sort_keys=True)
+        fd, tmp = tempfile.mkstemp(dir=ref.cache_root, prefix=f".{ref.key_file.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, ref.key_file)
 
 
 def _weights(feature_extractor: str, weights: str | Path | None, data_dir) -> tuple[str | None, bool]:
@@ -352,6 +422,7 @@ def compute_metrics(fake: torch.Tensor, real: torch.Tensor | None = None, *, ref
         if (feature_extractor, _weights_id(feature_extractor, weights_path)) != (k["extractor"], k["weights"]):
             raise ValueError(f"reference statistics for {ref_stats.describe()} were computed with other "
                              f"feature-extractor weights than {feature_extractor!r} {weights_path or ''}")
+        check_reference_cache(ref_stats)
     reals = ref_stats.images if ref_stats is not None else Images(real)
     inception = feature_extractor == INCEPTION
     kid = kid and inception
@@ -366,6 +437,8 @@ def compute_metrics(fake: torch.Tensor, real: torch.Tensor | None = None, *, ref
             kid_subset_size=min(1000, len(fakes), len(reals)), isc_splits=max(1, min(10, len(fakes) // 2)),
             batch_size=batch_size, cuda=torch.device(device).type == "cuda", datasets_download=False,
             save_cpu_ram=True, verbose=False, **{"cache": False, **cache})  # save_cpu_ram: no loader workers
+    if ref_stats is not None:
+        _record_reference_cache(ref_stats)
     out = {"n_fake": len(fakes), "n_real": len(reals), "feature_extractor": feature_extractor}
     if not inception:
         return out | {FD_KEYS.get(feature_extractor, f"fd_{feature_extractor}"): m[torch_fidelity.KEY_METRIC_FID]}

@@ -469,8 +469,9 @@ def run_profile(P: StudyParams, only: list[str] | None = None, force: bool = Fal
             pm.execute_notebook(str(nb), str(target), parameters=params, cwd=str(NOTEBOOK_DIR),
                                 kernel_name="python3", progress_bar=False, log_output=False)
         except pm.PapermillExecutionError as err:
-            raise RuntimeError(f"notebook {nb.name} failed in cell {err.cell_index} (execution count "
-                               f"{err.exec_count}): {err.ename}: {err.evalue}; the executed notebook, error "
+            raise RuntimeError(f"notebook {nb.name} failed in cell {err.cell_index + 1} (counting from 1 in the "
+                               f"executed notebook, papermill's injected-parameters cell included; execution "
+                               f"count {err.exec_count}): {err.ename}: {err.evalue}; the executed notebook, error "
                                f"included, is {target}; rerun to resume from this notebook") from None
         state[nb.name] = key
         state_path.write_text(json.dumps(state, indent=1))

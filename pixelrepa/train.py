@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import datetime
+import hashlib
 import json
 import math
+import numbers
 import os
 import sys
 import time
@@ -79,11 +82,12 @@ class TrainConfig:
     eval_samples: int = 256
     eval_steps: int = 25
     eval_real: int = 0  # held-out images in the FID reference (0: the whole eval split)
+    dist_timeout: int = 1800  # seconds a torchrun collective may wait for a lost process before failing
 
     def __post_init__(self):
         def bad(name, why):
             raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: {why}")
-        self.ema_decays = tuple(self.ema_decays)
+        self._check_types(bad)
         if self.model not in MODELS:
             bad("model", f"unknown; valid names: {', '.join(MODELS)}")
         for name in ("resolution", "steps", "batch_size", "ckpt_every", "keep_ckpts", "log_every", "sample_steps"):
@@ -96,6 +100,10 @@ class TrainConfig:
             bad("blr", "must be a positive finite number")
         if self.warmup_epochs < 0:
             bad("warmup_epochs", "must be >= 0")
+        if not 0 <= self.seed < 2 ** 31:
+            bad("seed", "must be in [0, 2**31)")
+        if self.dist_timeout < 1:
+            bad("dist_timeout", "must be >= 1 second")
         if not self.ema_decays or not all(0 < d < 1 for d in self.ema_decays):
             bad("ema_decays", "need one or more decays in (0, 1)")
         for name in ("attn_drop", "proj_drop"):
@@ -108,9 +116,54 @@ class TrainConfig:
             bad("eval_samples" if self.eval_samples < 2 else "eval_steps", "must be >= 2 (samples) and >= 1 (steps)")
         if self.device not in ("auto", "cpu", "cuda"):
             bad("device", "must be auto, cpu or cuda")
-        self.flow  # validates P_std, noise_scale, t_eps, label_drop
-        self.align  # validates method, coefficient and mask ratio
-        self.align.depth(jit_config(self.model, self.resolution, 1))
+        try:
+            self.flow  # validates P_std, noise_scale, t_eps, label_drop
+            self.align  # validates method, coefficient and mask ratio
+            self.align.depth(jit_config(self.model, self.resolution, 1))
+        except ValueError as err:  # the same checks, in this class's field names
+            raise ValueError(str(err).replace("AlignConfig.coef", "TrainConfig.align_coef")
+                             .replace("AlignConfig.", "TrainConfig.").replace("FlowConfig.", "TrainConfig.")) from None
+        from .encoders import ENCODERS, check_resolution
+        if self.encoder not in ENCODERS:
+            bad("encoder", f"unknown; valid names: {', '.join(ENCODERS)}")
+        if self.align.enabled:
+            try:
+                check_resolution(self.encoder, self.resolution // MODELS[self.model]["patch_size"], self.resolution)
+            except ValueError as err:
+                raise ValueError(f"TrainConfig.encoder={self.encoder!r} with resolution={self.resolution} "
+                                 f"and model={self.model!r}: {err}") from None
+
+    def _check_types(self, bad):
+        """Each field must have its default's type (ints for floats allowed; numbers must be finite):
+        a string, a NaN or a bool where a count belongs is refused here, not deep inside training."""
+        for f in dataclasses.fields(self):
+            v, default = getattr(self, f.name), f.default
+            if isinstance(default, bool):
+                if not isinstance(v, bool):
+                    bad(f.name, "must be True or False")
+            elif isinstance(default, int):
+                if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                    bad(f.name, "must be an integer")
+                setattr(self, f.name, int(v))
+            elif isinstance(default, float):
+                if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                    bad(f.name, "must be a finite number")
+                setattr(self, f.name, float(v))
+            elif isinstance(default, str):
+                if isinstance(v, os.PathLike):
+                    v = os.fspath(v)
+                    setattr(self, f.name, v)
+                if not isinstance(v, str):
+                    bad(f.name, "must be a string")
+            elif isinstance(default, tuple):
+                try:
+                    v = None if isinstance(v, (str, bytes)) else tuple(v)
+                except TypeError:
+                    v = None
+                if v is None or not all(isinstance(d, numbers.Real) and not isinstance(d, bool) and math.isfinite(d)
+                                        for d in v):
+                    bad(f.name, "must be a sequence of finite numbers")
+                setattr(self, f.name, tuple(float(d) for d in v))
 
     @property
     def align(self) -> AlignConfig:
@@ -215,6 +268,10 @@ def make_targets(cfg: TrainConfig, ds, jit_cfg: JiTConfig, device: torch.device)
         name = f"{cfg.dataset}-train" + (f"{cfg.train_images}" if cfg.train_images else "")
         feats = encoders.cached_features(enc, name, ds.images, cfg.resolution, cfg.data_dir,
                                          progress=cfg.progress and dist_info()[0] == 0)
+        if feats.shape[-2] != jit_cfg.num_patches:
+            raise ValueError(f"cached {cfg.encoder} features have {feats.shape[-2]} tokens per image but "
+                             f"{cfg.model} at {cfg.resolution} px has {jit_cfg.num_patches} patches "
+                             f"({jit_cfg.grid} x {jit_cfg.grid}); delete {encoders.feature_cache_path(enc, name, cfg.resolution, cfg.data_dir)}")
         return (lambda idx, x, flip: encoders.select_targets(feats, idx, flip).to(device)), enc.dim
     return (lambda idx, x, flip: enc(x).float()), enc.dim
 
@@ -227,47 +284,191 @@ def lr_at(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
 
 # ----------------------------------------------------------------------------- checkpoints
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: unreadable, failing its checksum, not a pixelrepa training
+    checkpoint, or holding weights of another network. The message names the file."""
+
+
+CKPT_KEYS = ("step", "config", "model", "emas", "opt")
+
+
 def checkpoints(out_dir: Path) -> list[Path]:
-    return sorted(out_dir.glob("ckpt-*.pt"))
+    return sorted(Path(out_dir).glob("ckpt-*.pt"))
 
 
-def atomic_save(obj, path: Path):
-    """Written aside, flushed to disk, then renamed: a crash leaves the old file or the new, never half."""
+def checksum_path(path: Path) -> Path:
+    """The sidecar holding a checkpoint's sha256, in `sha256sum` format (`sha256sum -c` checks it)."""
+    return path.with_name(path.name + ".sha256")
+
+
+class _HashingWriter:
+    """A file object for torch.save that hashes the bytes on their way to disk."""
+
+    def __init__(self, f):
+        self.f, self.name, self.sha = f, getattr(f, "name", ""), hashlib.sha256()
+
+    def write(self, b):
+        self.sha.update(b)
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
+
+
+def _fsync_dir(path: Path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str):
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
+    with open(tmp, "w") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def load_latest(out_dir: Path, map_location="cpu") -> dict | None:
-    """The newest checkpoint that loads; a corrupt one is reported and the previous one used."""
-    for path in reversed(checkpoints(out_dir)):
+def atomic_save(obj, path: Path) -> str:
+    """Written aside, flushed to disk, then renamed: a crash leaves the old file or the new, never half.
+
+    The sha256 of the bytes goes to ``PATH.sha256``, renamed into place *before* the file itself, so
+    every file at ``path`` has its checksum beside it (a kill in between leaves only a stray sidecar).
+    Returns the hex digest.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            w = _HashingWriter(f)
+            torch.save(obj, w)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # disk full, interrupted: no half file left behind
+        tmp.unlink(missing_ok=True)
+        raise
+    digest = w.sha.hexdigest()
+    atomic_write_text(checksum_path(path), f"{digest}  {path.name}\n")
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return digest
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """A training checkpoint, verified: its sha256 against the sidecar (when there is one; files
+    written before checksums existed have none and are checked by loading only), then loaded, then
+    checked to hold a pixelrepa training state. Raises `CheckpointError` naming the file."""
+    path = Path(path)
+    side = checksum_path(path)
+    if side.is_file():
+        want = (side.read_text().split() or [""])[0].lower()
+        got = sha256_file(path)
+        if got != want:
+            raise CheckpointError(f"checkpoint {path} fails its checksum (sha256 {got[:16]}..., but "
+                                  f"{side.name} records {want[:16] or 'nothing'}...): the file is corrupt or truncated")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # truncated zip, bad pickle, ...
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err})") from err
+    missing = [k for k in CKPT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a pixelrepa training checkpoint (it has no {', '.join(missing)} "
+                              "entries); move it out of the run directory")
+    return state
+
+
+def latest_checkpoint(out_dir: Path, map_location="cpu", verbose: bool = True) -> tuple[Path, dict] | None:
+    """(path, state) of the newest usable checkpoint in ``out_dir``, or None. A corrupt, truncated or
+    foreign one is reported on stderr (file and reason) and the previous one used."""
+    for path in reversed(checkpoints(Path(out_dir))):
         try:
-            return torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as err:  # truncated zip, bad pickle, ...
-            print(f"warning: checkpoint {path} is unreadable ({type(err).__name__}: {err}); "
-                  "trying the previous one", file=sys.stderr)
+            return path, read_checkpoint(path, map_location)
+        except CheckpointError as err:
+            if verbose:
+                print(f"warning: {err}; trying the previous one", file=sys.stderr, flush=True)
     return None
+
+
+def load_latest(out_dir: Path, map_location="cpu") -> dict | None:
+    """The newest checkpoint that passes `read_checkpoint`; a bad one is reported and the previous one used."""
+    found = latest_checkpoint(out_dir, map_location)
+    return None if found is None else found[1]
+
+
+def clean_partial_writes(out_dir: Path):
+    """Remove what a process killed while saving leaves behind: temporary files and stray sidecars."""
+    for tmp in sorted(out_dir.glob(".ckpt-*.tmp")):
+        print(f"note: removing {tmp}, a checkpoint write that was interrupted", file=sys.stderr, flush=True)
+        tmp.unlink(missing_ok=True)
+    for side in out_dir.glob("ckpt-*.pt.sha256"):
+        if not side.with_name(side.name.removesuffix(".sha256")).exists():
+            side.unlink(missing_ok=True)
+
+
+def _state_dict_diff(module: nn.Module, sd: dict) -> str:
+    """What keeps ``sd`` from loading into ``module``, in a line: missing, unexpected and reshaped entries."""
+    if not isinstance(module, nn.Module) or not isinstance(sd, dict):
+        return ""
+    own = module.state_dict()
+    missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
+    shaped = [f"{k}: checkpoint {tuple(sd[k].shape)} vs network {tuple(own[k].shape)}" for k in own
+              if k in sd and hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(own[k].shape)]
+    parts = [f"{len(v)} {what} (e.g. {', '.join(v[:2])})" for v, what in
+             ((shaped, "of another shape"), (missing, "missing"), (unexpected, "unexpected")) if v]
+    return "; ".join(parts)
+
+
+def _load_weights(module, sd: dict, path, what: str):
+    try:
+        module.load_state_dict(sd)
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        why = _state_dict_diff(module, sd) or "; ".join(l.strip() for l in str(err).splitlines() if l.strip())[:400]
+        raise CheckpointError(f"the {what} weights in {path} do not fit this network ({why}); was the checkpoint "
+                              "made with another model size, method or number of classes?") from None
 
 
 def load_jit(path: str | Path, which: str = "ema0", device: str | torch.device = "cpu") -> tuple[JiT, dict]:
     """A trained JiT from a checkpoint file or run directory (its newest checkpoint), without any head.
 
     ``which``: "model" (raw weights) or "ema0", "ema1" (the EMA copies, decays in config order).
-    Returns the network in eval mode and the run's config dict.
+    Returns the network in eval mode and the run's config dict. A file failing its checksum, not a
+    pixelrepa checkpoint, or holding weights of another size raises `CheckpointError`.
     """
     path = Path(path)
-    state = load_latest(path) if path.is_dir() else torch.load(path, map_location="cpu", weights_only=False)
-    if state is None:
-        raise FileNotFoundError(f"no readable checkpoint (ckpt-*.pt) in {path}")
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"no readable checkpoint (ckpt-*.pt) in {path}")
+        path, state = found
+    elif path.is_file():
+        state = read_checkpoint(path)
+    else:
+        raise FileNotFoundError(f"no checkpoint file or run directory at {path}")
     cfg = state["config"]
+    names = ["model"] + [f"ema{i}" for i in range(len(state["emas"]))]
+    if which not in names:
+        raise ValueError(f"which={which!r}: {path} holds {', '.join(names)}")
     sd = state["model"] if which == "model" else state["emas"][int(which.removeprefix("ema"))]
+    if not isinstance(cfg, dict) or cfg.get("model") not in MODELS or "y_embedder.weight" not in sd:
+        raise CheckpointError(f"{path}: its config names no known model ({cfg.get('model') if isinstance(cfg, dict) else cfg!r}) "
+                              "or its weights are not a JiT's")
     num_classes = sd["y_embedder.weight"].shape[0] - 1
     over = {k: cfg[k] for k in ("attn_drop", "proj_drop") if cfg.get(k, -1) >= 0}
     net = JiT(jit_config(cfg["model"], cfg["resolution"], num_classes, **over))
-    net.load_state_dict(sd)
+    _load_weights(net, sd, path, f"{which} ({cfg['model']} at {cfg['resolution']} px)")
     return net.to(device).eval(), cfg
 
 
@@ -277,8 +478,10 @@ COMPAT_FIELDS = ("model", "dataset", "resolution", "train_images", "batch_size",
 
 def check_compatible(saved: dict, cfg: TrainConfig, out_dir: Path):
     now = asdict(cfg)
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in COMPAT_FIELDS
-             if json.dumps(saved.get(k)) != json.dumps(now[k])]
+    default = asdict(TrainConfig())  # a field added after the checkpoint was made counts as its default
+    saved = {k: saved.get(k, default[k]) for k in COMPAT_FIELDS}
+    diffs = [f"{k}: checkpoint {saved[k]!r} vs now {now[k]!r}" for k in COMPAT_FIELDS
+             if json.dumps(saved[k]) != json.dumps(now[k])]
     if diffs:
         raise ValueError(f"{out_dir} holds a run with another configuration ({'; '.join(diffs)}); "
                          "use another out_dir or delete its checkpoints")
@@ -296,6 +499,15 @@ def train(cfg: TrainConfig) -> Path:
     torch.set_flush_denormal(True)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The checkpoint first: a run of another configuration is refused before any data or encoder work.
+    if rank == 0:
+        clean_partial_writes(out_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    found = latest_checkpoint(out_dir, verbose=rank == 0)
+    saved_path, saved = found if found is not None else (None, None)
+    if saved is not None:
+        check_compatible(saved["config"], cfg, out_dir)
 
     ds = datalib.load_dataset(cfg.dataset, cfg.resolution, "train", cfg.data_dir, progress=cfg.progress and rank == 0)
     if cfg.train_images:
@@ -312,16 +524,17 @@ def train(cfg: TrainConfig) -> Path:
     opt = torch.optim.AdamW(trainable.parameters(), lr=cfg.blr, betas=(0.9, 0.95), weight_decay=0.0,
                             fused=device.type in ("cpu", "cuda"))
     start = 0
-    saved = load_latest(out_dir)
     if saved is not None:
-        check_compatible(saved["config"], cfg, out_dir)
-        model.load_state_dict(saved["model"])
+        _load_weights(model, saved["model"], saved_path, "model")
         if head is not None:
-            head.load_state_dict(saved["head"])
-        for ema, sd in zip(emas, saved["emas"]):
-            ema.load_state_dict(sd)
-        opt.load_state_dict(saved["opt"])
+            _load_weights(head, saved.get("head", {}), saved_path, f"{cfg.method} head")
+        for i, (ema, sd) in enumerate(zip(emas, saved["emas"])):
+            _load_weights(ema, sd, saved_path, f"ema{i}")
+        _load_weights(opt, saved["opt"], saved_path, "optimizer")
         start = saved["step"]
+        if rank == 0:
+            print(f"resuming from {saved_path} (step {start} of {cfg.steps})", file=sys.stderr, flush=True)
+        del saved
     stale = [d for d in cfg.ema_decays if d ** cfg.steps > 0.05]
     if stale and rank == 0:
         warnings.warn(f"EMA decay(s) {stale} keep {max(stale) ** cfg.steps:.0%} of the initial weights after "
@@ -330,7 +543,7 @@ def train(cfg: TrainConfig) -> Path:
     log_path = out_dir / "metrics.jsonl"
     if rank == 0:
         truncate_log(log_path, start)  # steps after the checkpoint will be logged again
-        (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        atomic_write_text(out_dir / "config.json", json.dumps(asdict(cfg), indent=1))
 
     net = trainable
     if world > 1:
@@ -370,8 +583,9 @@ def train(cfg: TrainConfig) -> Path:
         loss, per_sample, cos = step_loss(net, x, y, t, e, flow.t_eps, mask,
                                           lambda: targets(sampler.global_indices(step)[sl], x, flip),
                                           align.loss_coef)
-        if not torch.isfinite(loss):
-            report_nonfinite(out_dir, cfg, step, sampler.global_indices(step), loss)
+        bad_ranks = nonfinite_ranks(loss)
+        if bad_ranks:
+            report_nonfinite(out_dir, cfg, step, sampler.global_indices(step), loss, ds=ds, ranks=bad_ranks)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -397,6 +611,10 @@ def train(cfg: TrainConfig) -> Path:
             if dist.is_initialized():
                 dist.barrier()
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            if not all(bool(torch.isfinite(p).all()) for p in trainable.parameters()):
+                # the loss was finite but the update was not: never save such weights as "good"
+                report_nonfinite(out_dir, cfg, step, sampler.global_indices(step), loss, ds=ds,
+                                 what="weights after the update of")
             save_checkpoint(out_dir, cfg, done, model, head, emas, opt, rank)
     bar.close()
     if rank == 0 and cfg.num_samples:
@@ -421,7 +639,15 @@ def append_log(path: Path, rec: dict):
 def truncate_log(path: Path, step: int):
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:  # a line cut short by a kill mid-write
+            print(f"warning: dropping a damaged line of {path}: {line[:80]!r}", file=sys.stderr)
+            continue
+        if rec is not None and rec.get("step", math.inf) <= step:
+            keep.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
@@ -435,17 +661,44 @@ def save_checkpoint(out_dir: Path, cfg: TrainConfig, step: int, model, head, ema
         atomic_save(state, out_dir / f"ckpt-{step:08d}.pt")
         for old in checkpoints(out_dir)[:-cfg.keep_ckpts]:
             old.unlink()
+            checksum_path(old).unlink(missing_ok=True)
     if dist.is_initialized():
         dist.barrier()
 
 
-def report_nonfinite(out_dir: Path, cfg: TrainConfig, step: int, indices: torch.Tensor, loss):
-    info = {"step": step, "seed": cfg.seed, "loss": str(loss.item()), "batch_indices": indices.tolist(),
-            "config": asdict(cfg)}
+def nonfinite_ranks(loss: torch.Tensor) -> list[int]:
+    """The ranks whose loss is not finite (every rank gets the same list, so all stop together)."""
+    bad = ~torch.isfinite(loss.detach())
+    if not dist.is_initialized():
+        return [0] if bool(bad) else []
+    rank, world = dist_info()
+    flags = torch.zeros(world, device=loss.device)
+    flags[rank] = bad.float()
+    dist.all_reduce(flags)
+    return torch.nonzero(flags.cpu()).flatten().tolist()
+
+
+def report_nonfinite(out_dir: Path, cfg: TrainConfig, step: int, indices: torch.Tensor, loss, *, ds=None,
+                     ranks=(0,), what: str = "loss at"):
+    """Stop training: write what reproduces step ``step`` (seed, step, the global batch's dataset indices
+    and image sources, the last good checkpoint) to ``nonfinite-stepN.json`` and raise FloatingPointError."""
+    rank = dist_info()[0]
     path = out_dir / f"nonfinite-step{step:08d}.json"
-    path.write_text(json.dumps(info))
-    raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; the last good checkpoint is kept "
-                             f"in {out_dir}; what reproduces it (seed, step, batch indices) is in {path}")
+    last = checkpoints(out_dir)
+    if rank == 0:
+        idx = indices.tolist()
+        sources = getattr(ds, "sources", None)
+        info = {"step": step, "seed": cfg.seed, "what": f"non-finite {what} step {step}", "loss": str(loss.item()),
+                "ranks": list(ranks), "batch_indices": idx,
+                "batch_sources": [sources[i] for i in idx] if sources is not None else None,
+                "last_checkpoint": last[-1].name if last else None,
+                "reproduce": "TrainConfig(**config) resumed from last_checkpoint repeats this step: every draw "
+                             "is a function of (seed, step) and batch_indices index the training set",
+                "config": asdict(cfg)}
+        atomic_write_text(path, json.dumps(info, indent=1))
+    keep = f"the last good checkpoint {last[-1]} is kept" if last else "no checkpoint was written before it"
+    raise FloatingPointError(f"non-finite {what} step {step} (loss {loss.item()}); training stopped; {keep}; "
+                             f"what reproduces it (seed, step, batch indices) is in {path}")
 
 
 def evaluate(cfg: TrainConfig, ema: JiT, num_classes: int, device: torch.device) -> dict:
@@ -487,20 +740,32 @@ def config_parser(cls) -> argparse.ArgumentParser:
     return p
 
 
+USER_ERRORS = (ValueError, FloatingPointError, FileNotFoundError, CheckpointError, datalib.DatasetError)
+
+
 def main(argv=None):
-    cfg = TrainConfig(**vars(config_parser(TrainConfig).parse_args(argv)))
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        backend = "nccl" if resolve_device(cfg.device).type == "cuda" else "gloo"
-        dist.init_process_group(backend)
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    """Command line entry. Errors about the input (configuration, data, checkpoints, non-finite numbers)
+    end the process with status 1 and a one-line message; set PIXELREPA_TRACEBACK=1 for the traceback."""
     try:
-        out = train(cfg)
-        if dist_info()[0] == 0:
-            print(f"done: {out}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        cfg = TrainConfig(**vars(config_parser(TrainConfig).parse_args(argv)))
+        if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+            backend = "nccl" if resolve_device(cfg.device).type == "cuda" else "gloo"
+            # a lost process makes the others' collectives fail after dist_timeout instead of hanging
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        try:
+            out = train(cfg)
+            if dist_info()[0] == 0:
+                print(f"done: {out}")
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    except USER_ERRORS as err:
+        if os.environ.get("PIXELREPA_TRACEBACK"):
+            raise
+        print(f"pixelrepa.train: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

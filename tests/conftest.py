@@ -1,5 +1,8 @@
+import io
 import os
+import struct
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,16 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: in
             img = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
             Image.fromarray(img).save(d / f"{i}.png")
     return root
+
+
+def huge_png(path, width=50_000, height=50_000):
+    """A valid 1 x 1 PNG whose header claims width x height: a decompression bomb costing 70 bytes."""
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, "PNG")
+    raw = bytearray(buf.getvalue())
+    raw[16:24] = struct.pack(">II", width, height)
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))
+    path.write_bytes(bytes(raw))
 
 
 @pytest.fixture

@@ -26,6 +26,13 @@ def test_cosine_loss_is_0_for_identical_and_2_for_opposite():
     assert cosine_loss(a, 5 * a)[0].item() == pytest.approx(0.0, abs=1e-6)  # scale-free
 
 
+def test_targets_of_another_token_count_are_a_clear_error():
+    with pytest.raises(ValueError, match=r"one token per JiT patch \(64 here, the targets have 16\)"):
+        cosine_loss(torch.randn(2, 64, 8), torch.randn(2, 16, 8))
+    with pytest.raises(ValueError, match=r"\(2, 64, 8\).*\(2, 64, 4\)"):
+        cosine_loss(torch.randn(2, 64, 4), torch.randn(2, 64, 8))
+
+
 def test_method_defaults_come_from_configuration():
     assert AlignConfig("repa").loss_coef == 0.5 and AlignConfig("pixelrepa").loss_coef == 0.1
     assert AlignConfig("pixelrepa").ratio == 0.2 and AlignConfig("adapter").ratio == 0.0

@@ -228,6 +228,30 @@ def test_image_folder_skips_bad_files_and_keeps_labels_consistent(tmp_path):
         ds[len(ds)]  # so that `for img, label in ds` terminates
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_image_folder_decodes_odd_modes_and_skips_huge_files(tmp_path):
+    """Greyscale, CMYK and 16-bit files in a folder decode to their colours; files over MAX_PIXELS
+    (Pillow's bomb error at 2x its bound, our own check below it) are skipped and counted, not decoded."""
+    from conftest import huge_png
+    root = tmp_path / "tree"
+    solid(root / "a" / "1_grey.png", 77, mode="L")
+    solid(root / "a" / "2_cmyk.jpg", (0, 255, 255, 0), mode="CMYK", quality=95)  # M + Y = red
+    Image.fromarray(np.full((30, 40), 40000, np.uint16)).save(root / "a" / "3_g16.png")
+    (root / "b").mkdir()
+    huge_png(root / "b" / "1_bomb.png", 50_000, 50_000)  # 2.5 Gpx: Pillow refuses to open it
+    huge_png(root / "b" / "2_big.png", 40_000, 30_000)  # 1.2 Gpx: over MAX_PIXELS = 2**30
+    solid(root / "b" / "3_ok.png", BLUE)
+    ds = data.load_dataset(str(root), 16, data_dir=tmp_path / "cache")
+    with pytest.warns(UserWarning) as record:
+        items = [ds[i] for i in range(len(ds))]
+    px = [img.permute(1, 2, 0).int() for img, _ in items]
+    assert (px[0] == 77).all() and (px[1] - torch.tensor(RED)).abs().max() <= 3 and (px[2] == 156).all()
+    assert [lab for _, lab in items] == [0, 0, 0, 1, 1, 1] and all((p == torch.tensor(BLUE)).all() for p in px[3:])
+    skips = [str(w.message) for w in record if "skipped unreadable" in str(w.message)]
+    assert len(skips) == 2 and ds.num_skipped == 2 and "2 image(s) skipped" in skips[-1]
+    assert "1_bomb.png (DecompressionBombError" in skips[0] and "2_big.png (ValueError: 40000x30000 exceeds" in skips[1]
+
+
 @pytest.mark.parametrize("kind", ["missing", "no_classes", "no_images", "file"])
 def test_image_folder_errors_name_the_path(tmp_path, kind):
     root = tmp_path / "imagenet"

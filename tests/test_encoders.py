@@ -188,11 +188,16 @@ def test_dinov2_missing_weights_one_clear_error(tmp_path, no_network, no_weights
     assert not no_network
 
 
-def test_dinov2_rejects_resolutions_off_its_grid(tmp_path, small_dinov2_sd, no_weights_env):
+def test_dinov2_resizes_other_resolutions_to_its_grid(tmp_path, small_dinov2_sd, no_weights_env):
+    """Images of another size are resized to 16 px per token (a 512 px JiT/32 aligns to the 256 px
+    view): the same tokens as resizing them first; a grid the patch size cannot make is refused."""
     torch.save(small_dinov2_sd, tmp_path / "w.pth")
     enc = build_encoder("dinov2-b14", grid=4, weights=tmp_path / "w.pth", arch_overrides={"depth": 2})
-    with pytest.raises(ValueError, match=r"64 x 64 images.*got 32 x 32"):
-        enc(torch.zeros(1, 3, 32, 32))
+    x = torch.rand(2, 3, 128, 128) * 2 - 1
+    small = torch.nn.functional.interpolate(x, size=(64, 64), mode="bicubic", align_corners=False,
+                                            antialias=True).clamp(-1, 1)
+    assert enc(x).shape == (2, 16, 768)
+    torch.testing.assert_close(enc(x), enc(small))
     with pytest.raises(ValueError, match="not a multiple of grid 8"):
         build_encoder("dinov2-b14", grid=8, weights=tmp_path / "w.pth", image_size=60)
 
@@ -262,3 +267,21 @@ def test_feature_cache_without_flips(tmp_path, effnet):
         select_targets(feats, torch.tensor([2]), torch.tensor([True]))
     with pytest.raises(ValueError, match="uint8"):
         cached_features(effnet, "toy", images.float(), 16, data_dir=tmp_path, progress=False)
+
+
+def test_feature_cache_made_for_another_grid_or_resolution_is_rebuilt(tmp_path, effnet):
+    """A cache file under this name but made for another token grid or image resolution is never served."""
+    import shutil
+    images = _images(3)
+    cached_features(effnet, "toy", images, 16, data_dir=tmp_path, progress=False)
+    one = copy.copy(effnet)
+    one.grid = 1  # the same network pooled to a 1 x 1 grid
+    shutil.copy(feature_cache_path(effnet, "toy", 16, tmp_path), feature_cache_path(one, "toy", 16, tmp_path))
+    with pytest.warns(UserWarning, match="stale"):
+        assert cached_features(one, "toy", images, 16, data_dir=tmp_path, progress=False).shape == (2, 3, 1, 1280)
+    small = images[:, :, ::2, ::2].contiguous()
+    shutil.copy(feature_cache_path(effnet, "toy", 16, tmp_path), feature_cache_path(effnet, "toy", 8, tmp_path))
+    with pytest.warns(UserWarning, match="stale"):
+        feats = cached_features(effnet, "toy", small, 8, data_dir=tmp_path, progress=False)
+    x = to_model_range(small)
+    torch.testing.assert_close(feats[0].float(), effnet(x), atol=2e-3, rtol=2e-3)

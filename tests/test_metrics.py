@@ -211,6 +211,51 @@ def test_registered_encoder_fd_matches_independent_frechet(data_dir):
     assert abs(same["fd_test-randconv"]) < 1e-5
 
 
+def test_reference_cache_of_another_resolution_or_dataset_is_never_used(tmp_path):
+    """A reference cache file under this reference's name but made for another resolution or dataset
+    (its key file says so), one truncated after writing, or an old one (no key file) of another size is
+    reported and rebuilt: every FD below equals the one computed from the images with no cache."""
+    import shutil
+    from conftest import make_image_folder
+    metrics.register_encoder_fd("test-randconv", lambda weights, device: RandConv())
+    folders = {"a": make_image_folder(tmp_path / "a", per_class=4), "b": make_image_folder(tmp_path / "b", per_class=4, seed=1)}
+    kw = dict(feature_extractor="test-randconv", data_dir=tmp_path / "data")
+    g = torch.Generator().manual_seed(0)
+    fake = {r: torch.randint(0, 256, (12, 3, r, r), generator=g, dtype=torch.uint8) for r in (16, 32)}
+
+    def fd(r, real=None, ref=None):
+        return metrics.compute_metrics(fake[r], real, ref_stats=ref, **kw)["fd_test-randconv"]
+
+    truth = {(name, r): fd(r, real=torch.stack([x for x, _ in load_dataset(str(f), r, progress=False)]))
+             for name, f in folders.items() for r in (16, 32)}
+    ref = {(name, r): metrics.reference_stats(str(f), r, **kw) for name, f in folders.items() for r in (16, 32)}
+    assert fd(32, ref=ref["a", 32]) == pytest.approx(truth["a", 32])
+    made = ref["a", 32].cache_files()
+    assert len(made) == 2 and ref["a", 32].key_file.exists()
+    assert fd(32, ref=dataclasses.replace(ref["a", 32], images=Exploding(12))) == pytest.approx(truth["a", 32])
+
+    def plant(src, dst, key_file=True):  # src's cache files under dst's name
+        for f in src.cache_files():
+            shutil.copy(f, f.with_name(f.name.replace(src.cache_name, dst.cache_name)))
+        if key_file:
+            shutil.copy(src.key_file, dst.key_file)
+
+    for other, why in ((("a", 16), r"made for .*a at 32 px .* not .*a at 16 px"), (("b", 32), r"made for .*a at 32 px .* not .*b at 32 px")):
+        plant(ref["a", 32], ref[other])
+        with pytest.warns(UserWarning, match=why):
+            assert fd(other[1], ref=ref[other]) == pytest.approx(truth[other])
+    stat = [f for f in made if "-stat-" in f.name][0]
+    stat.write_bytes(stat.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="changed size after it was written"):
+        assert fd(32, ref=ref["a", 32]) == pytest.approx(truth["a", 32])
+    half = metrics.reference_stats(str(folders["a"]), 32, n=6, **kw)
+    plant(ref["a", 32], half, key_file=False)  # as a cache from before key files: 12 images, not 6
+    with pytest.warns(UserWarning, match="holds features of 12 images, not 6"):
+        fd(32, ref=half)
+    assert fd(32, ref=dataclasses.replace(half, images=Exploding(6))) == pytest.approx(
+        fd(32, real=torch.stack([x for x, _ in load_dataset(str(folders["a"]), 32, progress=False)][:6])))
+
+
 @pytest.mark.slow
 @needs_openclipart
 @pytest.mark.skipif(importlib.util.find_spec("pixelrepa.encoders") is None, reason="pixelrepa.encoders not there yet")

@@ -1,0 +1,139 @@
+"""The study layer: profiles, notebooks' parameters cells, the runner's resume and failure report."""
+import json
+import subprocess
+
+import nbformat
+import papermill as pm
+import pytest
+
+from conftest import PYTHON, ROOT, run_env
+from pixelrepa import study
+
+NOTEBOOKS = study.notebooks()
+
+
+def test_every_profile_loads_and_the_notebooks_exist():
+    assert set(study.profiles()) >= {"smoke", "quick", "cpu", "gpu", "paper"}
+    assert [nb.name[:2] for nb in NOTEBOOKS] == ["00", "01", "02", "03", "04", "05", "06"]
+    for name in study.profiles():
+        P = study.load_profile(name)
+        assert P.profile == name
+        assert study.plan(P), name
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=[nb.stem for nb in NOTEBOOKS])
+def test_every_notebook_accepts_every_profile(nb, tmp_path):
+    """papermill injects each profile into the notebook; running the parameters cells then building the
+    config gives exactly the profile's StudyParams (nothing dropped, nothing mistyped)."""
+    study.check_notebook_parameters([nb])
+    for name in study.profiles():
+        params = {k: list(v) if isinstance(v, tuple) else v
+                  for k, v in study.asdict(study.load_profile(name)).items()}
+        out = tmp_path / f"{name}.ipynb"
+        pm.execute_notebook(str(nb), str(out), parameters=params, prepare_only=True, progress_bar=False)
+        injected = nbformat.read(out, as_version=4)
+        ns = {}
+        for cell in injected.cells:
+            tags = cell.metadata.get("tags", [])
+            if "parameters" in tags or "injected-parameters" in tags:
+                exec(cell.source, ns)
+        assert study.StudyParams.from_namespace(ns) == study.load_profile(name), (nb.name, name)
+
+
+def test_unknown_or_ill_typed_parameters_are_errors_before_any_work(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("profile: bad\nstepz: 10\n")
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['stepz'\]"):
+        study.load_profile(str(bad))
+    bad.write_text("profile: bad\nsteps: ten\n")
+    with pytest.raises(ValueError, match="StudyParams.steps='ten'"):
+        study.load_profile(str(bad))
+    bad.write_text("profile: bad\nhigh_res: 48\n")  # 48/8 = 6 tokens a side against 32/4 = 8
+    with pytest.raises(ValueError, match="one token count"):
+        study.load_profile(str(bad))
+    with pytest.raises(ValueError, match="unknown profile 'nope'"):
+        study.load_profile("nope")
+    # the command line: a clear one-line error and exit status 2, nothing run
+    bad.write_text("profile: bad\nmethods: [jit, dino]\n")
+    r = subprocess.run([PYTHON, "-m", "pixelrepa.study", "--profile", str(bad)], capture_output=True, text=True,
+                       env=run_env(), timeout=120)
+    assert r.returncode == 2 and "StudyParams.methods" in r.stderr and "Traceback" not in r.stderr
+    # a value papermill passes into a notebook (-p steps abc) is refused by the config cell
+    ns = {k: v for k, v in study.asdict(study.load_profile("smoke")).items()}
+    ns["steps"] = "abc"
+    with pytest.raises(ValueError, match="StudyParams.steps"):
+        study.StudyParams.from_namespace(ns)
+    del ns["steps"]
+    with pytest.raises(NameError, match="steps"):
+        study.StudyParams.from_namespace(ns)
+
+
+def test_paper_profile_builds_the_papers_configs():
+    P = study.load_profile("paper")
+    assert P.nproc == 8 and P.dataset.endswith("imagenet/train")
+    jit = study.run_config(P, "jit", 256, 0)
+    assert (jit.model, jit.resolution, jit.batch_size, jit.blr, jit.warmup_epochs) == ("JiT-B/16", 256, 1024, 5e-5, 5.0)
+    assert jit.ema_decays == (0.9999, 0.9996) and jit.noise_scale == 1.0 and jit.cfg_scale == 3.0
+    assert jit.steps == 750684  # 600 epochs of ImageNet's 1,281,167 images at batch 1024
+    high = study.run_config(P, "jit", 512, 0)
+    assert (high.model, high.noise_scale) == ("JiT-B/32", 2.0)
+    from pixelrepa.jit import jit_config
+    pix = study.run_config(P, "pixelrepa", 256, 0)
+    a, jc = pix.align, jit_config("JiT-B/16", 256, 1000)
+    assert (pix.encoder, a.depth(jc), a.loss_coef, a.ratio) == ("dinov2-b14", 4, 0.1, 0.2)
+    repa = study.run_config(P, "repa", 256, 0).align
+    assert (repa.depth(jc), repa.loss_coef, repa.proj_hidden) == (4, 0.5, 2048)
+
+
+def test_a_finished_run_is_reused_and_one_with_other_settings_refused(tmp_path):
+    P = study.StudyParams(runs_dir=str(tmp_path), methods=["jit"], progress=False)
+    out = study.run_dir(P, "jit", P.low_res, 0)
+    out.mkdir(parents=True)
+    (out / "done.json").write_text(json.dumps(study._record(study.run_config(P, "jit", P.low_res, 0))))
+    assert study.ensure_run(P, "jit", P.low_res, 0) == out  # no data, no training: returned at once
+    P2 = study.StudyParams(runs_dir=str(tmp_path), methods=["jit"], steps=P.steps + 1, progress=False)
+    with pytest.raises(ValueError, match="other settings.*'steps'"):
+        study.ensure_run(P2, "jit", P.low_res, 0)
+
+
+def _tiny_notebook(path, body):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    params = nbformat.v4.new_code_cell(study.parameters_cell(study.StudyParams()))
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(body)]
+    nbformat.write(nb, path)
+
+
+@pytest.mark.slow
+def test_runner_names_the_failing_notebook_and_cell_then_resumes(tmp_path, monkeypatch):
+    nbdir, flag = tmp_path / "nbs", tmp_path / "flag"
+    nbdir.mkdir()
+    _tiny_notebook(nbdir / "00_first.ipynb", f"open({str(tmp_path / 'count')!r}, 'a').write('x')")
+    _tiny_notebook(nbdir / "01_second.ipynb", f"import os\nassert os.path.exists({str(flag)!r}), 'flag missing'")
+    monkeypatch.setattr(study, "NOTEBOOK_DIR", nbdir)
+    P = study.StudyParams(profile="t", results_dir=str(tmp_path / "out"), runs_dir=str(tmp_path / "runs"))
+    with pytest.raises(RuntimeError, match=r"notebook 01_second.ipynb failed in cell 3 .*AssertionError: flag missing"):
+        study.run_profile(P)
+    assert (tmp_path / "out" / "01_second.ipynb").exists()  # the executed notebook shows the error
+    flag.write_text("")
+    summary = study.run_profile(P)  # resumes: the first notebook is not executed again
+    assert (tmp_path / "count").read_text() == "x"
+    assert summary.read_text().startswith("# Study summary: profile `t`")
+    state = json.loads((tmp_path / "out" / "state.json").read_text())
+    assert set(state) == {"00_first.ipynb", "01_second.ipynb"}
+    study.run_profile(P, force=True)
+    assert (tmp_path / "count").read_text() == "xx"
+
+
+def test_compare_and_verdicts_follow_the_intervals():
+    rows = [{"method": m, "resolution": 32, "seed": s, "eval_fid": v}
+            for m, vals in (("repa", (10.0, 11.0, 12.0)), ("jit", (20.0, 20.5, 21.0))) for s, v in enumerate(vals)]
+    c = study.compare(rows, "repa", "jit", 32)
+    assert c["better"] == "repa" and c["diff"] == -9.5 and c["diff_hi"] < 0 and c["n_seeds"] == 3
+    rows[0]["eval_fid"] = 40.0  # one seed disagrees: the interval spans 0
+    assert study.compare(rows, "repa", "jit", 32)["better"].startswith("neither")
+    assert study.compare(rows[:1] + rows[3:4], "repa", "jit", 32)["better"] == "inconclusive (1 seed)"
+    verdict, _ = study._judge([(c, "jit")])
+    assert verdict == "not reproduced"
+    assert study._judge([(c, "repa")])[0] == "reproduced"
