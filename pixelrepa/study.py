@@ -523,6 +523,9 @@ def main(argv=None):
     p.add_argument("--profile", default="quick", help=f"a name ({', '.join(profiles())}) or a .yaml path")
     p.add_argument("--notebooks", nargs="*", help="only these (by prefix, e.g. 00 02)")
     p.add_argument("--train-only", action="store_true", help="train every run the notebooks need, nothing else")
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="with --train-only: take every N-th run from the I-th (parallel workers, e.g. one "
+                        "single-threaded process per core: small models train faster that way)")
     p.add_argument("--force", action="store_true", help="re-execute notebooks already done")
     a = p.parse_args(argv)
     try:
@@ -532,8 +535,11 @@ def main(argv=None):
     print(P, flush=True)
     try:
         if a.train_only:
-            for i, (m, res, seed) in enumerate(plan(P)):
-                print(f"[study] run {i + 1}/{len(plan(P))}: {m} at {res}px, seed {seed}", flush=True)
+            i, n = (int(v) for v in a.shard.split("/"))
+            runs = plan(P)
+            for k in range(i, len(runs), n):
+                m, res, seed = runs[k]
+                print(f"[study] run {k + 1}/{len(runs)}: {m} at {res}px, seed {seed}", flush=True)
                 ensure_run(P, m, res, seed)
         else:
             run_profile(P, a.notebooks, a.force)
