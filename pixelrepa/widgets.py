@@ -34,7 +34,7 @@ from . import data as datalib
 from .align import AlignConfig, build_head, probe_alignment, token_mask
 from .flow import add_noise
 from .jit import JiT, JiTConfig, jit_config
-from .train import checkpoints
+from .train import checkpoints, latest_checkpoint, read_checkpoint
 
 PROBE_TS = (0.1, 0.3, 0.5, 0.7, 0.9)  # the alignment explorer's t grid (its t slider and the CKA probe)
 HEAD_NAMES = {"repa": "REPA projector", "adapter": "unmasked adapter", "pixelrepa": "masked adapter (MTA)"}
@@ -73,17 +73,14 @@ class LoadedRun:
 
 
 def _checkpoint_file(path: str | Path) -> tuple[Path, dict]:
-    """(file, state) for a checkpoint file, or a run directory's newest readable checkpoint."""
+    """(file, state) for a checkpoint file, or a run directory's newest usable (checksum-verified) one."""
     path = Path(path)
-    files = [path] if path.is_file() else list(reversed(checkpoints(path)))
-    for f in files:
-        try:
-            return f, torch.load(f, map_location="cpu", weights_only=False)
-        except Exception as err:  # truncated or half-written: the previous one, as train.load_latest
-            if path.is_file():
-                raise
-            print(f"warning: checkpoint {f} is unreadable ({type(err).__name__}); trying the previous one")
-    raise FileNotFoundError(f"no readable checkpoint (ckpt-*.pt) in {path}")
+    if path.is_file():
+        return path, read_checkpoint(path)
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"no readable checkpoint (ckpt-*.pt) in {path}")
+    return found
 
 
 def checkpoint_step(path: str | Path) -> int:
