@@ -362,6 +362,17 @@ def _atomic_save(obj: dict, path: Path) -> None:
         raise
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """`_atomic_save` for text (configs, logs, run records): the old file or the new, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def _subset(data: dict, split: str, resolution: int) -> ImageDataset:
     idx = data["splits"][split] if split != "all" else torch.arange(len(data["labels"]))
     images = data["images"].index_select(0, idx)

@@ -252,17 +252,6 @@ def default_image_size(name: str, grid: int) -> int:
     return 16 * grid if name == "dinov2-b14" else 32 * grid * math.ceil(224 / (32 * grid))
 
 
-def check_resolution(name: str, grid: int, resolution: int) -> None:
-    """Raise ValueError, naming both sizes, if images of ``resolution`` px cannot give the encoder as
-    `build_encoder(name, grid)` makes it a ``grid x grid`` token map. Both encoders resize any image to
-    their ``image_size`` (dinov2-b14: 16 x grid, one 16 px patch per JiT token, as PixelREPA does), so
-    only a grid the encoder cannot make is refused."""
-    if name not in ENCODERS:
-        raise ValueError(f"unknown encoder {name!r}; valid names: {', '.join(ENCODERS)}")
-    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1 or resolution < 1:
-        raise ValueError(f"{name}: a {grid} x {grid} token grid from {resolution} px images is not possible")
-
-
 def build_encoder(name: str, grid: int, weights: str | Path | None = None, device: str | torch.device = "cpu",
                   *, image_size: int | None = None, arch_overrides: dict | None = None) -> Encoder:
     """A frozen encoder giving ``grid x grid`` tokens.
@@ -339,5 +328,5 @@ def select_targets(features: torch.Tensor, index: torch.Tensor, flipped: torch.T
 
 
 __all__ = ["ENCODERS", "DINOV2_ENV", "Encoder", "EncoderWeightsMissing", "build_encoder", "cached_features",
-           "check_resolution", "default_image_size", "feature_cache_path", "find_dinov2_weights", "load_state_dict_file",
+           "default_image_size", "feature_cache_path", "find_dinov2_weights", "load_state_dict_file",
            "select_targets"]

@@ -38,7 +38,7 @@ from torch_fidelity import FeatureExtractorBase, FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
-from .data import _atomic_save, load_dataset, to_model_range
+from .data import _atomic_save, atomic_write_text, load_dataset, to_model_range
 
 INCEPTION = "inception-v3-compat"
 STANDARD_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
@@ -343,11 +343,8 @@ def check_reference_cache(ref: RefStats) -> bool:
 def _record_reference_cache(ref: RefStats) -> None:
     files = ref.cache_files()
     if files:
-        text = json.dumps({"key": ref.key, "files": {f.name: f.stat().st_size for f in files}}, sort_keys=True)
-        fd, tmp = tempfile.mkstemp(dir=ref.cache_root, prefix=f".{ref.key_file.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, ref.key_file)
+        atomic_write_text(ref.key_file, json.dumps({"key": ref.key, "files": {f.name: f.stat().st_size
+                                                                               for f in files}}, sort_keys=True))
 
 
 def _weights(feature_extractor: str, weights: str | Path | None, data_dir) -> tuple[str | None, bool]:

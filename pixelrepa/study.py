@@ -16,12 +16,13 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from .data import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE_DIR = ROOT / "papermill_runs" / "profiles"
@@ -228,12 +229,16 @@ def ensure_run(P: StudyParams, method: str, resolution: int, seed: int) -> Path:
     out = Path(cfg.out_dir)
     done = out / "done.json"
     if done.exists():
-        rec = json.loads(done.read_text())
-        if rec == json.loads(json.dumps(_record(cfg))):
+        rec, want = json.loads(done.read_text()), json.loads(json.dumps(_record(cfg)))
+        if rec == want:
             return out
-        diff = {k: (rec.get(k), v) for k, v in json.loads(json.dumps(_record(cfg))).items() if rec.get(k) != v}
-        raise ValueError(f"{out} holds a finished run with other settings {diff} (finished vs asked); "
-                         f"delete it or use another runs_dir")
+        diff = {k: (rec.get(k), v) for k, v in want.items() if rec.get(k) != v}
+        # Only more steps: the learning rate is constant after warm-up and batches and noise are a
+        # function of (seed, step), so resuming from the last checkpoint is the longer run itself.
+        if set(diff) != {"steps"} or rec["steps"] > cfg.steps:
+            raise ValueError(f"{out} holds a finished run with other settings {diff} (finished vs asked); "
+                             f"delete it or use another runs_dir")
+        print(f"[study] extending {out.name} from {rec['steps']} to {cfg.steps} steps", flush=True)
     if P.nproc > 1:
         args = [a for k, v in asdict(cfg).items() for a in ([f"--{k}", *map(str, v)] if isinstance(v, tuple) else [f"--{k}", str(v)])]
         subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={P.nproc}",
@@ -241,8 +246,26 @@ def ensure_run(P: StudyParams, method: str, resolution: int, seed: int) -> Path:
     else:
         from .train import train
         train(cfg)
-    done.write_text(json.dumps(_record(cfg), indent=1))
+    atomic_write_text(done, json.dumps(_record(cfg), indent=1))
     return out
+
+
+def train_all(P: StudyParams) -> None:
+    """Train every run of the plan, skipping any that another worker holds (a lock file per run, let go
+    when its process ends, however it ends): start several of these to share the plan."""
+    import fcntl
+    runs = plan(P)
+    for k, (m, res, seed) in enumerate(runs):
+        out = run_dir(P, m, res, seed)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / ".lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"[study] run {k + 1}/{len(runs)}: {out.name} is held by another worker", flush=True)
+                continue
+            print(f"[study] run {k + 1}/{len(runs)}: {m} at {res}px, seed {seed}", flush=True)
+            ensure_run(P, m, res, seed)
 
 
 def plan(P: StudyParams) -> list[tuple[str, int, int]]:
@@ -382,15 +405,13 @@ def verdicts(P: StudyParams) -> list[dict]:
 def study_data(P: StudyParams, resolution: int):
     """The training images at ``resolution`` (the profile's subset) and their encoder tokens (N, T, D),
     read from the same cache training uses."""
-    from . import data as datalib, encoders
+    from . import encoders, train
     from .jit import jit_config
-    ds = datalib.load_dataset(P.dataset, resolution, "train", _path(P.data_dir), progress=P.progress)
-    if P.train_images:
-        ds = datalib.take(ds, P.train_images)
-    grid = jit_config(P.model(resolution), resolution, ds.num_classes).grid
+    cfg = run_config(P, "jit", resolution, P.seeds[0])  # the data fields are the same for every run
+    ds = train.training_set(cfg, progress=P.progress)
+    grid = jit_config(cfg.model, resolution, ds.num_classes).grid
     enc = encoders.build_encoder(P.encoder, grid, weights=P.encoder_weights or None)
-    name = f"{P.dataset}-train" + (f"{P.train_images}" if P.train_images else "")
-    feats = encoders.cached_features(enc, name, ds.images, resolution, _path(P.data_dir), progress=P.progress)
+    feats = train.cached_targets(cfg, enc, ds, progress=P.progress)
     return ds, feats[0]
 
 
@@ -474,7 +495,7 @@ def run_profile(P: StudyParams, only: list[str] | None = None, force: bool = Fal
                                f"count {err.exec_count}): {err.ename}: {err.evalue}; the executed notebook, error "
                                f"included, is {target}; rerun to resume from this notebook") from None
         state[nb.name] = key
-        state_path.write_text(json.dumps(state, indent=1))
+        atomic_write_text(state_path, json.dumps(state, indent=1))
     collect_runs(P)
     return write_summary(P)
 
@@ -522,10 +543,9 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default="quick", help=f"a name ({', '.join(profiles())}) or a .yaml path")
     p.add_argument("--notebooks", nargs="*", help="only these (by prefix, e.g. 00 02)")
-    p.add_argument("--train-only", action="store_true", help="train every run the notebooks need, nothing else")
-    p.add_argument("--shard", default="0/1", metavar="I/N",
-                   help="with --train-only: take every N-th run from the I-th (parallel workers, e.g. one "
-                        "single-threaded process per core: small models train faster that way)")
+    p.add_argument("--train-only", action="store_true",
+                   help="train every run the notebooks need, nothing else; workers started alike share the "
+                        "plan (e.g. one single-threaded process per core: small models train faster that way)")
     p.add_argument("--force", action="store_true", help="re-execute notebooks already done")
     a = p.parse_args(argv)
     try:
@@ -535,12 +555,7 @@ def main(argv=None):
     print(P, flush=True)
     try:
         if a.train_only:
-            i, n = (int(v) for v in a.shard.split("/"))
-            runs = plan(P)
-            for k in range(i, len(runs), n):
-                m, res, seed = runs[k]
-                print(f"[study] run {k + 1}/{len(runs)}: {m} at {res}px, seed {seed}", flush=True)
-                ensure_run(P, m, res, seed)
+            train_all(P)
         else:
             run_profile(P, a.notebooks, a.force)
     except (RuntimeError, ValueError) as err:

@@ -30,6 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data as datalib
+from .data import atomic_write_text
 from .align import AlignConfig, build_head, cosine_loss, token_mask
 from .flow import FlowConfig, SamplerConfig, add_noise, generate, sample_t, v_loss
 from .jit import JiT, JiTConfig, MODELS, jit_config
@@ -123,15 +124,9 @@ class TrainConfig:
         except ValueError as err:  # the same checks, in this class's field names
             raise ValueError(str(err).replace("AlignConfig.coef", "TrainConfig.align_coef")
                              .replace("AlignConfig.", "TrainConfig.").replace("FlowConfig.", "TrainConfig.")) from None
-        from .encoders import ENCODERS, check_resolution
+        from .encoders import ENCODERS  # both resize any resolution to the JiT's token grid
         if self.encoder not in ENCODERS:
             bad("encoder", f"unknown; valid names: {', '.join(ENCODERS)}")
-        if self.align.enabled:
-            try:
-                check_resolution(self.encoder, self.resolution // MODELS[self.model]["patch_size"], self.resolution)
-            except ValueError as err:
-                raise ValueError(f"TrainConfig.encoder={self.encoder!r} with resolution={self.resolution} "
-                                 f"and model={self.model!r}: {err}") from None
 
     def _check_types(self, bad):
         """Each field must have its default's type (ints for floats allowed; numbers must be finite):
@@ -258,6 +253,19 @@ def update_emas(emas: list[list[torch.Tensor]], params: list[torch.Tensor], deca
         torch._foreach_lerp_(ema, params, 1 - decay)
 
 
+def training_set(cfg: TrainConfig, progress: bool = True) -> datalib.ImageDataset:
+    """The images a run trains on: the dataset's train split, or its fixed ``train_images`` subset."""
+    ds = datalib.load_dataset(cfg.dataset, cfg.resolution, "train", cfg.data_dir, progress=progress)
+    return datalib.take(ds, cfg.train_images) if cfg.train_images else ds
+
+
+def cached_targets(cfg: TrainConfig, enc, ds, progress: bool = True) -> torch.Tensor:
+    """The encoder tokens of a built-in training set, (2: plain and flipped, N, T, D), cached once."""
+    from . import encoders
+    name = f"{cfg.dataset}-train" + (f"{cfg.train_images}" if cfg.train_images else "")
+    return encoders.cached_features(enc, name, ds.images, cfg.resolution, cfg.data_dir, progress=progress)
+
+
 def make_targets(cfg: TrainConfig, ds, jit_cfg: JiTConfig, device: torch.device):
     """A function (indices, images in model range, flip mask) -> encoder tokens on the JiT grid, and
     the encoder's width. Built-in datasets read features cached once per dataset and resolution;
@@ -265,13 +273,11 @@ def make_targets(cfg: TrainConfig, ds, jit_cfg: JiTConfig, device: torch.device)
     from . import encoders
     enc = encoders.build_encoder(cfg.encoder, jit_cfg.grid, weights=cfg.encoder_weights or None, device=device)
     if cfg.cache_targets and getattr(ds, "images", None) is not None and cfg.dataset in datalib.DATASETS:
-        name = f"{cfg.dataset}-train" + (f"{cfg.train_images}" if cfg.train_images else "")
-        feats = encoders.cached_features(enc, name, ds.images, cfg.resolution, cfg.data_dir,
-                                         progress=cfg.progress and dist_info()[0] == 0)
+        feats = cached_targets(cfg, enc, ds, progress=cfg.progress and dist_info()[0] == 0)
         if feats.shape[-2] != jit_cfg.num_patches:
             raise ValueError(f"cached {cfg.encoder} features have {feats.shape[-2]} tokens per image but "
                              f"{cfg.model} at {cfg.resolution} px has {jit_cfg.num_patches} patches "
-                             f"({jit_cfg.grid} x {jit_cfg.grid}); delete {encoders.feature_cache_path(enc, name, cfg.resolution, cfg.data_dir)}")
+                             f"({jit_cfg.grid} x {jit_cfg.grid}); delete the feature cache under {cfg.data_dir}")
         return (lambda idx, x, flip: encoders.select_targets(feats, idx, flip).to(device)), enc.dim
     return (lambda idx, x, flip: enc(x).float()), enc.dim
 
@@ -326,15 +332,6 @@ def _fsync_dir(path: Path):
         pass
     finally:
         os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_save(obj, path: Path) -> str:
@@ -457,6 +454,13 @@ def load_jit(path: str | Path, which: str = "ema0", device: str | torch.device =
         state = read_checkpoint(path)
     else:
         raise FileNotFoundError(f"no checkpoint file or run directory at {path}")
+    net, cfg = jit_from_state(state, which, path)
+    return net.to(device), cfg
+
+
+def jit_from_state(state: dict, which: str = "ema0", path: str | Path = "the checkpoint") -> tuple[JiT, dict]:
+    """The JiT (eval mode, on the CPU) of a loaded checkpoint ``state`` and the run's config dict;
+    ``which`` as in `load_jit`, ``path`` only names the file in errors."""
     cfg = state["config"]
     names = ["model"] + [f"ema{i}" for i in range(len(state["emas"]))]
     if which not in names:
@@ -469,7 +473,7 @@ def load_jit(path: str | Path, which: str = "ema0", device: str | torch.device =
     over = {k: cfg[k] for k in ("attn_drop", "proj_drop") if cfg.get(k, -1) >= 0}
     net = JiT(jit_config(cfg["model"], cfg["resolution"], num_classes, **over))
     _load_weights(net, sd, path, f"{which} ({cfg['model']} at {cfg['resolution']} px)")
-    return net.to(device).eval(), cfg
+    return net.eval(), cfg
 
 
 COMPAT_FIELDS = ("model", "dataset", "resolution", "train_images", "batch_size", "seed", "ema_decays", "method", "encoder",
@@ -509,9 +513,7 @@ def train(cfg: TrainConfig) -> Path:
     if saved is not None:
         check_compatible(saved["config"], cfg, out_dir)
 
-    ds = datalib.load_dataset(cfg.dataset, cfg.resolution, "train", cfg.data_dir, progress=cfg.progress and rank == 0)
-    if cfg.train_images:
-        ds = datalib.take(ds, cfg.train_images)
+    ds = training_set(cfg, progress=cfg.progress and rank == 0)
     over = {k: v for k, v in (("attn_drop", cfg.attn_drop), ("proj_drop", cfg.proj_drop)) if v >= 0}
     jit_cfg = jit_config(cfg.model, cfg.resolution, ds.num_classes, **over)
     align = cfg.align
@@ -648,9 +650,7 @@ def truncate_log(path: Path, step: int):
             continue
         if rec is not None and rec.get("step", math.inf) <= step:
             keep.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def save_checkpoint(out_dir: Path, cfg: TrainConfig, step: int, model, head, emas, opt, rank: int):

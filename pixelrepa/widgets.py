@@ -33,8 +33,8 @@ from plotly.subplots import make_subplots
 from . import data as datalib
 from .align import AlignConfig, build_head, probe_alignment, token_mask
 from .flow import add_noise
-from .jit import JiT, JiTConfig, jit_config
-from .train import checkpoints, latest_checkpoint, read_checkpoint
+from .jit import JiT, JiTConfig
+from .train import checkpoints, jit_from_state, latest_checkpoint, read_checkpoint
 
 PROBE_TS = (0.1, 0.3, 0.5, 0.7, 0.9)  # the alignment explorer's t grid (its t slider and the CKA probe)
 HEAD_NAMES = {"repa": "REPA projector", "adapter": "unmasked adapter", "pixelrepa": "masked adapter (MTA)"}
@@ -117,12 +117,8 @@ class ModelCache:
             key = (str(path), weights)
         if key not in self._runs:
             f, state = _checkpoint_file(path)
-            cfg = state["config"]
-            sd = state["model"] if weights == "model" else state["emas"][int(weights.removeprefix("ema"))]
-            over = {k: cfg[k] for k in ("attn_drop", "proj_drop") if cfg.get(k, -1) >= 0}
-            jcfg = jit_config(cfg["model"], cfg["resolution"], sd["y_embedder.weight"].shape[0] - 1, **over)
-            net = JiT(jcfg)
-            net.load_state_dict(sd)
+            net, cfg = jit_from_state(state, weights, f)
+            jcfg = net.cfg
             align = AlignConfig(cfg.get("method", "jit"), cfg.get("encoder", "effnet-lite0"),
                                 cfg.get("align_depth", -1), cfg.get("align_coef", -1.0),
                                 cfg.get("mask_ratio", -1.0), cfg.get("proj_hidden", 2048))

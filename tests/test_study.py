@@ -6,7 +6,7 @@ import nbformat
 import papermill as pm
 import pytest
 
-from conftest import PYTHON, ROOT, run_env
+from conftest import PYTHON, run_env
 from pixelrepa import study
 
 NOTEBOOKS = study.notebooks()
@@ -91,9 +91,34 @@ def test_a_finished_run_is_reused_and_one_with_other_settings_refused(tmp_path):
     out.mkdir(parents=True)
     (out / "done.json").write_text(json.dumps(study._record(study.run_config(P, "jit", P.low_res, 0))))
     assert study.ensure_run(P, "jit", P.low_res, 0) == out  # no data, no training: returned at once
-    P2 = study.StudyParams(runs_dir=str(tmp_path), methods=["jit"], steps=P.steps + 1, progress=False)
-    with pytest.raises(ValueError, match="other settings.*'steps'"):
+    P2 = study.StudyParams(runs_dir=str(tmp_path), methods=["jit"], steps=P.steps - 1, progress=False)
+    with pytest.raises(ValueError, match="other settings.*'steps'"):  # fewer steps than it ran
         study.ensure_run(P2, "jit", P.low_res, 0)
+    P3 = study.StudyParams(runs_dir=str(tmp_path), methods=["jit"], steps=P.steps + 1, blr=P.blr / 2, progress=False)
+    with pytest.raises(ValueError, match="other settings.*'blr'"):  # more steps, but not only that
+        study.ensure_run(P3, "jit", P.low_res, 0)
+
+
+@pytest.mark.slow
+def test_a_finished_run_extended_to_more_steps_equals_the_longer_run(tmp_path):
+    """Asking a finished run for more steps resumes it from its last checkpoint, and what comes out is
+    the run that was asked for from the start: the same weights, EMAs and logged losses and FIDs."""
+    import dataclasses
+    import torch
+    base = dataclasses.replace(study.load_profile("smoke"), methods=["jit"], eval_every=10, eval_samples=4, steps=10)
+    short = dataclasses.replace(base, runs_dir=str(tmp_path / "a"))
+    study.ensure_run(short, "jit", base.low_res, 0)
+    extended = study.ensure_run(dataclasses.replace(short, steps=20), "jit", base.low_res, 0)
+    direct = study.ensure_run(dataclasses.replace(base, steps=20, runs_dir=str(tmp_path / "b")), "jit", base.low_res, 0)
+    assert json.loads((extended / "done.json").read_text())["steps"] == 20
+    a, b = (torch.load(d / "ckpt-00000020.pt", weights_only=False) for d in (extended, direct))
+    for key in ("model", "emas"):
+        sa, sb = (s if key == "model" else {f"{i}.{k}": v for i, e in enumerate(s) for k, v in e.items()}
+                  for s in (a[key], b[key]))
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), key
+    la, lb = ([{k: v for k, v in r.items() if k != "images_per_s"} for r in study.read_metrics(d)]
+              for d in (extended, direct))
+    assert [r["step"] for r in la] == [10, 10, 20, 20] and "eval_fid" in la[-1] and la == lb
 
 
 def _tiny_notebook(path, body):
