@@ -3,7 +3,7 @@
 Training: t = sigmoid(N(P_mean, P_std)), z = t * x + (1 - t) * e with e = noise_scale * N(0, I); the
 network predicts x and the loss is on velocity, v = (x - z) / max(1 - t, t_eps). Sampling integrates
 dz/dt = v from t = 0 (noise) to t = 1 with Heun (Euler on the last step) and classifier-free
-guidance applied only inside an interval of t. Nothing here knows what the network is.
+guidance applied only inside an interval of t (weight 1 outside it). Nothing here knows what the network is.
 """
 from __future__ import annotations
 
@@ -66,10 +66,13 @@ class SamplerConfig:
     steps: int = 50
     method: str = "heun"  # "heun" (Euler on the last step) or "euler"
     cfg_scale: float = 1.0
-    cfg_interval: tuple[float, float] = (0.1, 1.0)  # guidance only for interval[0] < t < interval[1]
+    cfg_interval: tuple[float, float] = (0.1, 1.0)  # guidance for lo < t < hi (lo = 0: for t < hi), else weight 1
     noise_scale: float = 1.0
     t_eps: float = 0.05
-    batched_cfg: bool = True  # one forward for cond + uncond; False is the reference's two forwards
+    # True: cond + uncond in one forward, and no uncond pass where the guidance weight is 1.
+    # False: the reference's two separate forwards at every step, blended with weight 1 outside the interval.
+    batched_cfg: bool = True
+    max_batch: int = 0  # > 0: network calls of more images run in chunks of this many (0: no limit)
 
     def __post_init__(self):
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -81,22 +84,48 @@ class SamplerConfig:
             raise ValueError(f"SamplerConfig.cfg_interval={self.cfg_interval!r}: need 0 <= lo <= hi <= 1")
         if self.cfg_scale < 0:
             raise ValueError(f"SamplerConfig.cfg_scale={self.cfg_scale!r}: must be >= 0")
+        if not isinstance(self.max_batch, int) or self.max_batch < 0:
+            raise ValueError(f"SamplerConfig.max_batch={self.max_batch!r}: must be an integer >= 0 (0: no limit)")
+
+
+def guidance_weight(t: float, cfg: SamplerConfig) -> float:
+    """cfg_scale inside the interval, 1 outside it; as the reference, lo = 0 closes the interval's
+    lower end (t = 0 is guided) and any other lo opens it."""
+    lo, hi = cfg.cfg_interval
+    return cfg.cfg_scale if t < hi and (lo == 0 or t > lo) else 1.0
+
+
+def _chunked(net: Net, max_batch: int) -> Net:
+    """``net`` on at most ``max_batch`` images per call. On a CPU a forward's cost per image grows with
+    its batch (the activations leave the caches), so that a batch of 2B (batched guidance) can cost
+    more than two of B; on a GPU the larger batch is the faster."""
+    if not max_batch:
+        return net
+
+    def run(z, t, y):
+        if z.shape[0] <= max_batch:
+            return net(z, t, y)
+        return torch.cat([net(z[i:i + max_batch], t[i:i + max_batch], y[i:i + max_batch])
+                          for i in range(0, z.shape[0], max_batch)])
+    return run
 
 
 def guided_velocity(net: Net, z: torch.Tensor, t: float, y: torch.Tensor, null_class: int,
                     cfg: SamplerConfig) -> torch.Tensor:
-    """v_u + w (v_c - v_u) inside the guidance interval, plain conditional v outside it."""
+    """v_u + w (v_c - v_u), w = guidance_weight(t); where w = 1 that is v_c, which the batched mode
+    computes without the unconditional pass (the same velocity up to float rounding)."""
+    net = _chunked(net, cfg.max_batch)
     tt = torch.full((z.shape[0],), t, device=z.device)
-    lo, hi = cfg.cfg_interval
-    if cfg.cfg_scale == 1.0 or not lo < t < hi:
-        return velocity(net(z, tt, y), z, tt, cfg.t_eps)
+    w = guidance_weight(t, cfg)
     y_null = torch.full_like(y, null_class)
-    if cfg.batched_cfg:
-        x_c, x_u = net(torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([y, y_null])).chunk(2)
-    else:
+    if not cfg.batched_cfg:
         x_c, x_u = net(z, tt, y), net(z, tt, y_null)
+    elif w == 1.0:
+        return velocity(net(z, tt, y), z, tt, cfg.t_eps)
+    else:
+        x_c, x_u = net(torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([y, y_null])).chunk(2)
     v_c, v_u = velocity(x_c, z, tt, cfg.t_eps), velocity(x_u, z, tt, cfg.t_eps)
-    return v_u + cfg.cfg_scale * (v_c - v_u)
+    return v_u + w * (v_c - v_u)
 
 
 @torch.no_grad()

@@ -1,7 +1,17 @@
 import pytest
 import torch
 
-from pixelrepa.flow import FlowConfig, SamplerConfig, add_noise, guided_velocity, sample, sample_t, v_loss, velocity
+from pixelrepa.flow import (
+    FlowConfig,
+    SamplerConfig,
+    add_noise,
+    guidance_weight,
+    guided_velocity,
+    sample,
+    sample_t,
+    v_loss,
+    velocity,
+)
 
 
 def test_loss_is_zero_for_a_perfect_prediction():
@@ -91,8 +101,71 @@ def test_guidance_interval_and_batched_passes():
         assert torch.allclose(v, velocity(cond, z, torch.full((2,), t), 0.05))
     # the reference's two separate forwards give the same velocity
     net.calls.clear()
-    v2 = guided_velocity(net, z, 0.5, y, null, SamplerConfig(cfg_scale=3.0, cfg_interval=(0.1, 0.6), batched_cfg=False))
+    ref = SamplerConfig(cfg_scale=3.0, cfg_interval=(0.1, 0.6), batched_cfg=False)
+    v2 = guided_velocity(net, z, 0.5, y, null, ref)
     assert len(net.calls) == 2 and torch.allclose(v2, 3 * velocity(cond, z, torch.full((2,), 0.5), 0.05))
+    # ... and, as the reference, run both outside the interval too, blending with weight 1
+    for t in (0.05, 0.6, 0.9):
+        net.calls.clear()
+        v2 = guided_velocity(net, z, t, y, null, ref)
+        assert [c[1].tolist() for c in net.calls] == [[1, 2], [null, null]]
+        assert torch.allclose(v2, velocity(cond, z, torch.full((2,), t), 0.05))
+
+
+def test_interval_from_zero_guides_t_zero_as_the_reference():
+    cfg = SamplerConfig(cfg_scale=3.0, cfg_interval=(0.0, 0.5))
+    assert [guidance_weight(t, cfg) for t in (0.0, 0.25, 0.5, 0.75)] == [3.0, 3.0, 1.0, 1.0]
+    cfg = SamplerConfig(cfg_scale=3.0, cfg_interval=(0.1, 1.0))
+    assert [guidance_weight(t, cfg) for t in (0.0, 0.1, 0.5, 0.98)] == [1.0, 1.0, 3.0, 3.0]
+
+
+@pytest.mark.parametrize("steps", [7, 50])
+def test_reference_sampler_runs_both_passes_every_step_and_agrees(steps):
+    """batched_cfg=False: 2 forwards per evaluation whatever t; batched: one, of 2B inside the
+    interval and B outside; the samples agree (v_u + 1 (v_c - v_u) = v_c up to rounding)."""
+    null, g = 4, torch.Generator().manual_seed(0)
+    w = torch.randn(3, 3, generator=g) * 0.3
+
+    def net(z, t, y):  # a nonlinear, class- and time-dependent x-prediction
+        sizes.append(z.shape[0])
+        return torch.tanh(torch.einsum("ij,bjhw->bihw", w, z)) * (1 + y.float().view(-1, 1, 1, 1) / 4) \
+            + t.view(-1, 1, 1, 1)
+    y = torch.tensor([0, 1, 2])
+    z0 = torch.randn(3, 3, 4, 4, generator=g)
+    out = {}
+    for batched in (True, False):
+        sizes = []
+        cfg = SamplerConfig(steps=steps, cfg_scale=2.5, batched_cfg=batched)
+        out[batched] = sample(net, y, (3, 4, 4), null, cfg, z=z0.clone())
+        evals = 2 * steps - 1
+        guided = sum(guidance_weight(t, cfg) != 1.0 for t in _evaluation_times(steps))
+        if batched:
+            assert len(sizes) == evals and sizes.count(6) == guided and sizes.count(3) == evals - guided
+        else:
+            assert len(sizes) == 2 * evals and set(sizes) == {3}
+    assert torch.allclose(out[True], out[False], rtol=1e-5, atol=1e-5)
+
+
+def test_max_batch_splits_network_calls_without_changing_the_samples():
+    sizes = []
+
+    def net(z, t, y):
+        sizes.append(z.shape[0])
+        return torch.sin(z * (1 + y.float().view(-1, 1, 1, 1))) + t.view(-1, 1, 1, 1)
+    y = torch.arange(5)
+    z0 = torch.randn(5, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    whole = sample(net, y, (3, 2, 2), 9, SamplerConfig(steps=4, cfg_scale=2.0), z=z0)
+    assert max(sizes) == 10
+    sizes.clear()
+    split = sample(net, y, (3, 2, 2), 9, SamplerConfig(steps=4, cfg_scale=2.0, max_batch=4), z=z0)
+    assert max(sizes) == 4 and torch.equal(whole, split)
+    with pytest.raises(ValueError, match="max_batch"):
+        SamplerConfig(max_batch=-1)
+
+
+def _evaluation_times(steps):
+    ts = torch.linspace(0, 1, steps + 1).tolist()
+    return [ts[i] for i in range(steps)] + [ts[i + 1] for i in range(steps - 1)]
 
 
 def test_bad_sampler_and_flow_configs_name_the_field():
