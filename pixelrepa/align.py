@@ -127,9 +127,12 @@ class MaskedTransformerAdapter(nn.Module):
         c = self.t_embedder(t) + y_emb
         L = self.in_context_len
         x = torch.cat([y_emb.unsqueeze(1) + self.in_context_pos, h], dim=1) if L else h
-        for block in self.blocks:
+        for block in self.blocks[:-1]:
             x = block(x, c, self.rope)
-        return self.head(x[:, L:])
+        # the last block gives the image tokens only (the in-context ones are not aligned), as the
+        # JiT's; with the benchmark's reference-style attention it does the reference's full work
+        skip = L if self.blocks[-1].attn.impl != "reference" else 0
+        return self.head(self.blocks[-1](x, c, self.rope, skip)[:, L - skip:])
 
 
 def build_head(cfg: AlignConfig, jit_cfg: JiTConfig, enc_dim: int) -> nn.Module | None:

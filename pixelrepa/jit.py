@@ -207,20 +207,23 @@ class Attention(nn.Module):
         self.proj = Linear(width, width)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, skip: int = 0) -> torch.Tensor:
+        """Attention over all N tokens; outputs for tokens ``skip:`` only (queries of the first ``skip``
+        tokens are not computed: the last block's in-context outputs are discarded anyway)."""
         B, N, C = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
         # qk-norm and RoPE on q and k together: half the elementwise launches
         qk_weight = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None]
         qk = apply_rope(rms(qkv[:, :, :2]) * qk_weight, rope)
         q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)
+        q = q[:, :, skip:]
         v = qkv[:, :, 2].transpose(1, 2)
         p = self.attn_drop if self.training else 0.0
         if self.impl == "sdpa":
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         else:
             x = reference_attention(q, k, v, p)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N - skip, C)))
 
 
 def reference_attention(q, k, v, dropout_p: float = 0.0) -> torch.Tensor:
@@ -260,9 +263,12 @@ class JiTBlock(nn.Module):
         self.mlp = SwiGLU(width, int(width * mlp_ratio * 2 / 3), proj_drop)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor, skip: int = 0) -> torch.Tensor:
+        """``skip``: return only tokens ``skip:`` (the others still serve as keys and values), the same
+        values as ``forward(x, c, rope)[:, skip:]`` for the work of N - skip tokens after attention."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = torch.addcmul(x, gate1.unsqueeze(1), self.attn(norm_modulate(x, self.norm1.weight, shift1, scale1), rope))
+        a = self.attn(norm_modulate(x, self.norm1.weight, shift1, scale1), rope, skip)
+        x = torch.addcmul(x[:, skip:], gate1.unsqueeze(1), a)
         return torch.addcmul(x, gate2.unsqueeze(1), self.mlp(norm_modulate(x, self.norm2.weight, shift2, scale2)))
 
 
@@ -345,13 +351,20 @@ class JiT(nn.Module):
         before the class tokens are inserted, the one the PixelREPA adapter reads.
         """
         x, c, y_emb = self.embed(z, t, y)
-        L, hidden = self.cfg.in_context_len, []
+        L, start, hidden = self.cfg.in_context_len, self.cfg.in_context_start, []
+        # The last block computes outputs for the image tokens only: the in-context tokens' outputs
+        # would be stripped before the final layer. (The reference-style attention keeps the
+        # reference code's work, every token through every block, for the benchmark.)
+        prune = L if self.cfg.attn_impl != "reference" else 0
         for i, block in enumerate(self.blocks):
-            if i == self.cfg.in_context_start and L > 0:
+            if i == start and L > 0:
                 x = torch.cat([y_emb.unsqueeze(1) + self.in_context_pos, x], dim=1)
-            x = block(x, c, self.rope_ic if i >= self.cfg.in_context_start and L > 0 else self.rope)
+            last = i == len(self.blocks) - 1
+            x = block(x, c, self.rope_ic if i >= start and L > 0 else self.rope, prune if last and i >= start else 0)
+            if last and i >= start and prune:
+                L = 0  # already stripped
             if i + 1 in hidden_at:
-                hidden.append(x[:, L:] if i >= self.cfg.in_context_start else x)
+                hidden.append(x[:, L:] if i >= start else x)
         x_pred = self.unpatchify(self.final_layer(x[:, L:], c))
         return (x_pred, hidden) if hidden_at else x_pred
 

@@ -83,11 +83,22 @@ def test_rope_is_a_rotation_and_identity_on_in_context_tokens():
 
 
 def test_reference_attention_matches_sdpa():
+    """The reference-style net (hand-written attention, every token through every block) and ours
+    (fused attention, the last block computing the image tokens only) give the same outputs and hidden states."""
     net = randomised(build_jit("JiT-Ti/4", 32, 22)).eval()
     ref = build_jit("JiT-Ti/4", 32, 22, attn_impl="reference").eval()
     ref.load_state_dict(net.state_dict())
     z, t, y = inputs()
-    assert torch.allclose(net(z, t, y), ref(z, t, y), atol=1e-5)
+    (a, ha), (b, hb) = net(z, t, y, hidden_at=(2, 5, 6)), ref(z, t, y, hidden_at=(2, 5, 6))
+    assert torch.allclose(a, b, atol=1e-5)
+    assert all(h.shape == (z.shape[0], 64, 192) and torch.allclose(h, g, atol=1e-4) for h, g in zip(ha, hb))
+
+
+def test_a_block_skipping_leading_tokens_equals_the_full_block_sliced():
+    blk = randomised(build_jit("JiT-Ti/4", 32, 22)).blocks[-1]
+    x, c, rope = torch.randn(3, 96, 192), torch.randn(3, 192), rope_2d(64, 8, 32)
+    full, part = blk(x, c, rope), blk(x, c, rope, 32)
+    assert part.shape == (3, 64, 192) and torch.allclose(part, full[:, 32:], atol=1e-5)
 
 
 def test_dropout_only_in_middle_half():
