@@ -219,14 +219,30 @@ def _record(cfg) -> dict:
     return {k: d[k] for k in _RESULT_FIELDS}
 
 
-def ensure_run(P: StudyParams, method: str, resolution: int, seed: int) -> Path:
+def ensure_run(P: StudyParams, method: str, resolution: int, seed: int, wait: bool = True) -> Path | None:
     """The run's directory, trained to the end first unless it already is (resuming a partial run).
 
     Trains in this process, or through torchrun when ``P.nproc > 1``. A run is finished when its
     ``done.json`` matches the configuration; one made with other settings is an error, not reused.
+    One process at a time works on a run (a lock file, let go when its process ends, however it
+    ends): another waits for it, or with ``wait=False`` gets None at once.
     """
+    import fcntl
     cfg = run_config(P, method, resolution, seed)
     out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                return None
+            print(f"[study] {out.name}: another process is training it; waiting", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_run(P, cfg, out)
+
+
+def _ensure_run(P: StudyParams, cfg, out: Path) -> Path:
     done = out / "done.json"
     if done.exists():
         rec, want = json.loads(done.read_text()), json.loads(json.dumps(_record(cfg)))
@@ -253,19 +269,11 @@ def ensure_run(P: StudyParams, method: str, resolution: int, seed: int) -> Path:
 def train_all(P: StudyParams) -> None:
     """Train every run of the plan, skipping any that another worker holds (a lock file per run, let go
     when its process ends, however it ends): start several of these to share the plan."""
-    import fcntl
     runs = plan(P)
     for k, (m, res, seed) in enumerate(runs):
-        out = run_dir(P, m, res, seed)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / ".lock", "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                print(f"[study] run {k + 1}/{len(runs)}: {out.name} is held by another worker", flush=True)
-                continue
-            print(f"[study] run {k + 1}/{len(runs)}: {m} at {res}px, seed {seed}", flush=True)
-            ensure_run(P, m, res, seed)
+        print(f"[study] run {k + 1}/{len(runs)}: {m} at {res}px, seed {seed}", flush=True)
+        if ensure_run(P, m, res, seed, wait=False) is None:
+            print(f"[study] run {k + 1}/{len(runs)} is held by another worker", flush=True)
 
 
 def plan(P: StudyParams) -> list[tuple[str, int, int]]:

@@ -99,6 +99,33 @@ def test_a_finished_run_is_reused_and_one_with_other_settings_refused(tmp_path):
         study.ensure_run(P3, "jit", P.low_res, 0)
 
 
+def test_a_run_another_process_holds_is_skipped_or_waited_for(tmp_path):
+    """A notebook asking for a run a train-only worker is training waits for it, then reuses it; a
+    worker skips it. (Two processes training one run directory would corrupt it.)"""
+    import threading
+    import time
+    P = study.StudyParams(runs_dir=str(tmp_path), methods=["jit"], progress=False)
+    out = study.run_dir(P, "jit", P.low_res, 0)
+    out.mkdir(parents=True)
+    holder = subprocess.Popen([PYTHON, "-c", f"import fcntl,time; f=open({str(out / '.lock')!r},'w'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert study.ensure_run(P, "jit", P.low_res, 0, wait=False) is None
+        got = []
+        waiter = threading.Thread(target=lambda: got.append(study.ensure_run(P, "jit", P.low_res, 0)))
+        waiter.start()
+        time.sleep(1.0)
+        assert waiter.is_alive() and not got  # still waiting for the holder
+        (out / "done.json").write_text(json.dumps(study._record(study.run_config(P, "jit", P.low_res, 0))))
+        holder.kill()  # the lock goes with its process, however it ends
+        waiter.join(30)
+        assert got == [out]
+    finally:
+        holder.kill()
+
+
 @pytest.mark.slow
 def test_a_finished_run_extended_to_more_steps_equals_the_longer_run(tmp_path):
     """Asking a finished run for more steps resumes it from its last checkpoint, and what comes out is
