@@ -359,7 +359,7 @@ def test_training_on_a_folder_with_bad_images_skips_counts_and_reports_them(tmp_
                                               for l in (out / "metrics.jsonl").read_text().splitlines())
 
 
-def test_encoder_resolution_mismatch_is_refused_naming_both_sizes():
+def test_dinov2_at_any_resolution_is_accepted_and_an_unknown_encoder_refused():
     # DINOv2 resizes to 16 px per JiT token (the paper's 512 px JiT-B/32 aligns to the 256 px view);
     # a mismatch that cannot be resized away, targets of another token count, is refused in align/encoders
     TrainConfig(method="pixelrepa", encoder="dinov2-b14", model="JiT-Ti/4", resolution=32)
