@@ -345,16 +345,18 @@ def _read_cache(path: Path, key: dict) -> dict | None:
     return None
 
 
-def _atomic_save(obj: dict, path: Path) -> None:
-    """Write beside the target and rename, so a crash never leaves a half cache at `path`."""
+def _write_atomically(path: Path, write, binary: bool) -> None:
+    """``write(f)`` into a temporary file beside ``path`` (a unique name: concurrent writers of one
+    shared file never mix), flushed to disk, then renamed: the old file or the new, never half."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is shared like any data file
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; caches and records are shared like any data file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -362,15 +364,14 @@ def _atomic_save(obj: dict, path: Path) -> None:
         raise
 
 
+def _atomic_save(obj: dict, path: Path) -> None:
+    """A torch cache written atomically (`_write_atomically`)."""
+    _write_atomically(path, lambda f: torch.save(obj, f), binary=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """`_atomic_save` for text (configs, logs, run records): the old file or the new, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Text (configs, logs, run records) written atomically (`_write_atomically`)."""
+    _write_atomically(path, lambda f: f.write(text), binary=False)
 
 
 def _subset(data: dict, split: str, resolution: int) -> ImageDataset:

@@ -359,10 +359,9 @@ class JiT(nn.Module):
         for i, block in enumerate(self.blocks):
             if i == start and L > 0:
                 x = torch.cat([y_emb.unsqueeze(1) + self.in_context_pos, x], dim=1)
-            last = i == len(self.blocks) - 1
-            x = block(x, c, self.rope_ic if i >= start and L > 0 else self.rope, prune if last and i >= start else 0)
-            if last and i >= start and prune:
-                L = 0  # already stripped
+            skip = prune if i == len(self.blocks) - 1 and i >= start else 0
+            x = block(x, c, self.rope_ic if i >= start and L > 0 else self.rope, skip)
+            L -= skip  # 0 once the last block has dropped the in-context tokens
             if i + 1 in hidden_at:
                 hidden.append(x[:, L:] if i >= start else x)
         x_pred = self.unpatchify(self.final_layer(x[:, L:], c))

@@ -259,11 +259,14 @@ def training_set(cfg: TrainConfig, progress: bool = True) -> datalib.ImageDatase
     return datalib.take(ds, cfg.train_images) if cfg.train_images else ds
 
 
+def _targets_name(cfg: TrainConfig) -> str:
+    return f"{cfg.dataset}-train" + (f"{cfg.train_images}" if cfg.train_images else "")
+
+
 def cached_targets(cfg: TrainConfig, enc, ds, progress: bool = True) -> torch.Tensor:
     """The encoder tokens of a built-in training set, (2: plain and flipped, N, T, D), cached once."""
     from . import encoders
-    name = f"{cfg.dataset}-train" + (f"{cfg.train_images}" if cfg.train_images else "")
-    return encoders.cached_features(enc, name, ds.images, cfg.resolution, cfg.data_dir, progress=progress)
+    return encoders.cached_features(enc, _targets_name(cfg), ds.images, cfg.resolution, cfg.data_dir, progress=progress)
 
 
 def make_targets(cfg: TrainConfig, ds, jit_cfg: JiTConfig, device: torch.device):
@@ -277,7 +280,8 @@ def make_targets(cfg: TrainConfig, ds, jit_cfg: JiTConfig, device: torch.device)
         if feats.shape[-2] != jit_cfg.num_patches:
             raise ValueError(f"cached {cfg.encoder} features have {feats.shape[-2]} tokens per image but "
                              f"{cfg.model} at {cfg.resolution} px has {jit_cfg.num_patches} patches "
-                             f"({jit_cfg.grid} x {jit_cfg.grid}); delete the feature cache under {cfg.data_dir}")
+                             f"({jit_cfg.grid} x {jit_cfg.grid}); delete "
+                             f"{encoders.feature_cache_path(enc, _targets_name(cfg), cfg.resolution, cfg.data_dir)}")
         return (lambda idx, x, flip: encoders.select_targets(feats, idx, flip).to(device)), enc.dim
     return (lambda idx, x, flip: enc(x).float()), enc.dim
 
@@ -407,8 +411,8 @@ def load_latest(out_dir: Path, map_location="cpu") -> dict | None:
 
 def clean_partial_writes(out_dir: Path):
     """Remove what a process killed while saving leaves behind: temporary files and stray sidecars."""
-    for tmp in sorted(out_dir.glob(".ckpt-*.tmp")):
-        print(f"note: removing {tmp}, a checkpoint write that was interrupted", file=sys.stderr, flush=True)
+    for tmp in sorted(out_dir.glob(".*.tmp")):  # checkpoints, and text records (unique names)
+        print(f"note: removing {tmp}, a write that was interrupted", file=sys.stderr, flush=True)
         tmp.unlink(missing_ok=True)
     for side in out_dir.glob("ckpt-*.pt.sha256"):
         if not side.with_name(side.name.removesuffix(".sha256")).exists():
