@@ -324,7 +324,8 @@ def compare(rows: list[dict], a: str, b: str, resolution: int, key: str = "eval_
     seeds = sorted(set(va) & set(vb))
     if not seeds:
         return {"a": a, "b": b, "resolution": resolution, "n_seeds": 0, "better": "no data"}
-    m, lo, hi = mean_interval([va[s] - vb[s] for s in seeds])
+    diffs = [va[s] - vb[s] for s in seeds]
+    m, lo, hi = mean_interval(diffs)
     if len(seeds) < 2:
         better = "inconclusive (1 seed)"
     elif hi < 0:
@@ -336,7 +337,25 @@ def compare(rows: list[dict], a: str, b: str, resolution: int, key: str = "eval_
     return {"a": a, "b": b, "resolution": resolution, "n_seeds": len(seeds),
             f"{a}_{key}": round(sum(va[s] for s in seeds) / len(seeds), 2),
             f"{b}_{key}": round(sum(vb[s] for s in seeds) / len(seeds), 2),
-            "diff": round(m, 2), "diff_lo": round(lo, 2), "diff_hi": round(hi, 2), "better": better}
+            "diff": round(m, 2), "diff_lo": round(lo, 2), "diff_hi": round(hi, 2), "better": better,
+            "seeds_needed": seeds_needed(diffs)}
+
+
+def seeds_needed(diffs, level: float = 0.95, most: int = 1000) -> int | None:
+    """Paired seeds at which a 95% t-interval would exclude 0 if the mean difference and its seed-to-seed
+    spread stayed as observed (a planning figure, not a test); None below 2 seeds, for a zero mean, or
+    beyond ``most``."""
+    import math
+    import numpy as np
+    from scipy import stats
+    d = np.asarray(diffs, dtype=float)
+    if len(d) < 2 or d.mean() == 0:
+        return None
+    sd, m = float(d.std(ddof=1)), abs(float(d.mean()))
+    for n in range(2, most + 1):
+        if stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n) < m:
+            return n
+    return None
 
 
 def speedup(P: StudyParams, fast: str, slow: str, resolution: int, key: str = "eval_fid") -> dict:
@@ -375,8 +394,12 @@ def _judge(checks: list[tuple[dict, str]]) -> tuple[str, str]:
     """(verdict, evidence) from comparisons and the winner the paper expects for each."""
     if not checks or any(c.get("n_seeds", 0) == 0 for c, _ in checks):
         return "not run", "missing results"
+    def spans_zero(c):
+        return str(c.get("better", "")).startswith("neither")
     evidence = "; ".join(f"{c['a']} - {c['b']} at {c['resolution']}: {c.get('diff')} "
-                         f"[{c.get('diff_lo')}, {c.get('diff_hi')}] over {c['n_seeds']} seed(s)" for c, _ in checks)
+                         f"[{c.get('diff_lo')}, {c.get('diff_hi')}] over {c['n_seeds']} seed(s)"
+                         + (f" (about {c.get('seeds_needed') or '> 1000'} seeds to tell)" if spans_zero(c) else "")
+                         for c, _ in checks)
     wins = [c["better"] == want for c, want in checks]
     opposite = [c["better"] in (c["a"], c["b"]) and c["better"] != want for c, want in checks]
     if all(wins):

@@ -183,9 +183,14 @@ def test_compare_and_verdicts_follow_the_intervals():
             for m, vals in (("repa", (10.0, 11.0, 12.0)), ("jit", (20.0, 20.5, 21.0))) for s, v in enumerate(vals)]
     c = study.compare(rows, "repa", "jit", 32)
     assert c["better"] == "repa" and c["diff"] == -9.5 and c["diff_hi"] < 0 and c["n_seeds"] == 3
+    assert c["seeds_needed"] == 2  # diffs -10, -9.5, -9: t(0.975, 1) * 0.5 / sqrt 2 = 4.5 < 9.5
     rows[0]["eval_fid"] = 40.0  # one seed disagrees: the interval spans 0
     assert study.compare(rows, "repa", "jit", 32)["better"].startswith("neither")
     assert study.compare(rows[:1] + rows[3:4], "repa", "jit", 32)["better"] == "inconclusive (1 seed)"
+    # diffs 20, -9.5, -9 (mean 0.5, sd 16.9): about (1.96 * 16.9 / 0.5) ** 2 = 4400 seeds, beyond 1000
+    assert study.compare(rows, "repa", "jit", 32)["seeds_needed"] is None
+    assert study.seeds_needed([20.0, -9.5, -9.0], most=5000) in range(4300, 4500)
+    assert study.seeds_needed([3.0, 5.0, 4.0, 6.0]) == 3 and study.seeds_needed([1.0]) is None
     verdict, _ = study._judge([(c, "jit")])
     assert verdict == "not reproduced"
     assert study._judge([(c, "repa")])[0] == "reproduced"
