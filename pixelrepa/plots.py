@@ -69,6 +69,7 @@ def curves(rows: list[dict], key: str = "eval_fid", x: str = "images", by: str =
     facets = sorted({r[facet] for r in rows}) if facet else [None]
     fig = make_subplots(rows=1, cols=len(facets), shared_yaxes=True,
                         subplot_titles=[f"{facet} {f}" for f in facets] if facet else None)
+    shown = set()  # each name in the legend once, from the first panel that has it
     for col, fval in enumerate(facets, start=1):
         sub = [r for r in rows if facet is None or r[facet] == fval]
         for name in dict.fromkeys(r[by] for r in sub):
@@ -81,12 +82,13 @@ def curves(rows: list[dict], key: str = "eval_fid", x: str = "images", by: str =
             lo, hi = [float(np.min(pts[v])) for v in xs], [float(np.max(pts[v])) for v in xs]
             color = COLORS.get(name, None)
             if any(len(pts[v]) > 1 for v in xs):
-                fig.add_trace(go.Scatter(x=xs + xs[::-1], y=hi + lo[::-1], fill="toself", line=dict(width=0),
+                fig.add_trace(go.Scatter(x=xs + xs[::-1], y=hi + lo[::-1], fill="toself", mode="lines", line=dict(width=0),
                                          fillcolor=_alpha(color), hoverinfo="skip", showlegend=False,
                                          legendgroup=name), row=1, col=col)
             fig.add_trace(go.Scatter(x=xs, y=mean, mode="lines+markers", name=LABELS.get(name, str(name)),
-                                     line=dict(color=color), legendgroup=name, showlegend=col == 1),
+                                     line=dict(color=color), legendgroup=name, showlegend=name not in shown),
                           row=1, col=col)
+            shown.add(name)
     fig.update_xaxes(title_text="training images seen" if x == "images" else x)
     fig.update_yaxes(title_text=y_title, col=1)
     fig.update_layout(title=title)

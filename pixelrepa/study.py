@@ -394,8 +394,8 @@ def _judge(checks: list[tuple[dict, str]]) -> tuple[str, str]:
     """(verdict, evidence) from comparisons and the winner the paper expects for each."""
     if not checks or any(c.get("n_seeds", 0) == 0 for c, _ in checks):
         return "not run", "missing results"
-    def spans_zero(c):
-        return str(c.get("better", "")).startswith("neither")
+    def spans_zero(c):  # tables saved before seeds_needed existed lack it: say nothing rather than guess
+        return str(c.get("better", "")).startswith("neither") and "seeds_needed" in c
     evidence = "; ".join(f"{c['a']} - {c['b']} at {c['resolution']}: {c.get('diff')} "
                          f"[{c.get('diff_lo')}, {c.get('diff_hi')}] over {c['n_seeds']} seed(s)"
                          + (f" (about {c.get('seeds_needed') or '> 1000'} seeds to tell)" if spans_zero(c) else "")

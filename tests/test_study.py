@@ -194,3 +194,14 @@ def test_compare_and_verdicts_follow_the_intervals():
     verdict, _ = study._judge([(c, "jit")])
     assert verdict == "not reproduced"
     assert study._judge([(c, "repa")])[0] == "reproduced"
+
+
+def test_curves_name_each_method_once_in_the_legend_even_when_a_panel_lacks_it():
+    from pixelrepa import plots
+    rows = [{"method": m, "resolution": r, "seed": s, "images": i, "eval_fid": float(i + s)}
+            for m in ("jit", "repa") for r in (32, 64) for s in (0, 1) for i in (1, 2)]
+    rows += [{"method": "pixelrepa", "resolution": 64, "seed": s, "images": i, "eval_fid": 1.0} for s in (0, 1) for i in (1, 2)]
+    fig = plots.curves(rows)
+    legend = [t.name for t in fig.data if t.showlegend]
+    assert legend == ["JiT", "JiT + REPA", "PixelREPA (MTA)"]
+    assert all(t.mode == "lines" for t in fig.data if t.fill == "toself")  # seed bands draw no markers
