@@ -345,17 +345,13 @@ def seeds_needed(diffs, level: float = 0.95, most: int = 1000) -> int | None:
     """Paired seeds at which a 95% t-interval would exclude 0 if the mean difference and its seed-to-seed
     spread stayed as observed (a planning figure, not a test); None below 2 seeds, for a zero mean, or
     beyond ``most``."""
-    import math
     import numpy as np
-    from scipy import stats
     d = np.asarray(diffs, dtype=float)
     if len(d) < 2 or d.mean() == 0:
         return None
-    sd, m = float(d.std(ddof=1)), abs(float(d.mean()))
-    for n in range(2, most + 1):
-        if stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n) < m:
-            return n
-    return None
+    n = np.arange(2, most + 1)
+    resolved = n[_half_width(float(d.std(ddof=1)), n, level) < abs(float(d.mean()))]
+    return int(resolved[0]) if len(resolved) else None
 
 
 def speedup(P: StudyParams, fast: str, slow: str, resolution: int, key: str = "eval_fid") -> dict:
@@ -448,15 +444,22 @@ def study_data(P: StudyParams, resolution: int):
 
 def mean_interval(values, level: float = 0.95) -> tuple[float, float, float]:
     """Mean and a t-interval across seeds (NaN bounds for a single value)."""
-    import math
     import numpy as np
-    from scipy import stats
     v = np.asarray(values, dtype=float)
     m = float(v.mean())
     if len(v) < 2:
         return m, float("nan"), float("nan")
-    h = float(stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    h = float(_half_width(float(v.std(ddof=1)), len(v), level))
     return m, m - h, m + h
+
+
+def _half_width(sd: float, n, level: float = 0.95):
+    """Half-width of a ``level`` t-interval for the mean of ``n`` values with standard deviation ``sd``
+    (``n`` may be an array of sample sizes)."""
+    import numpy as np
+    from scipy import stats
+    n = np.asarray(n)
+    return stats.t.ppf(0.5 + level / 2, n - 1) * sd / np.sqrt(n)
 
 
 def save_table(P: StudyParams, name: str, rows: list[dict]) -> Path:
