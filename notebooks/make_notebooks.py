@@ -87,29 +87,41 @@ pixels (colours, line widths, framing differ); the least-similar ones are the ou
 measures how each model reconstructs the two subsets."""),
 ]
 
+NUM = ("# nbval compares these numbers: seeded runs on one CPU repeat them; they are rounded to what is stable\n")
+
+
+def components(claim):
+    return f"""T = study.tables(P)
+for c in T["components"]:
+    if c["claim"] == {claim}:
+        print(f"{{c['component']}}: {{c['diff']:.1f}} [{{c['lo']:.1f}}, {{c['hi']:.1f}}] FID over {{c['n_seeds']}} seed(s), "
+              f"margin {{c['margin']:.1f}}, MDE {{c['mde']:.1f}} -> {{c['outcome']}}")
+print(stats.describe(T["verdicts"][{claim - 1}]))"""
+
+
 NB["01_jit_baseline"] = head(
     "01 · The JiT baseline",
     """Vanilla JiT: a plain ViT that predicts the clean image x from the noisy z (x-prediction) and is
 trained on the velocity loss, at both resolutions of the study (same token count). Training runs are
-shared: this notebook trains them if no earlier notebook or run did, and later notebooks reuse them.""",
-    "import torch\nfrom pixelrepa import study, plots") + [
+shared: this notebook trains them if no earlier notebook or run did, and later notebooks reuse them.
+Every number below is read from the runs' logs (`metrics.jsonl`, `evals.jsonl`) by `pixelrepa.stats`.""",
+    "import torch\nfrom pixelrepa import study, stats, plots") + [
     code("""runs = {(res, s): study.ensure_run(P, "jit", res, s) for res in (P.low_res, P.high_res) for s in P.seeds}
-for (res, s), run in runs.items():
-    log = study.read_metrics(run)
-    print(f"jit {res} px seed {s}: {log[-1]['step']} steps, {log[-1]['images']} images seen, "
-          f"{sum('eval_fid' in r for r in log)} FID evaluations")"""),
+R = [r for r in study.runs(P) if r["arm"] == "jit"]
+for r in R:
+    log = r["metrics"]
+    print(f"jit {r['resolution']} px seed {r['seed']}: {log[-1]['step']} steps, {log[-1]['images']} images seen, "
+          f"{sum('eval_fid' in e for e in log)} FID evaluations, {len(r['evals'])} evaluation records")"""),
     md("## Training loss\nThe v-loss per logged step (mean over seeds, band: min to max)."),
-    code(IGNORE_FIG + """rows = [{"method": "jit", "resolution": res, "seed": s, "images": r["images"], "loss": r["loss"]}
-        for (res, s), run in runs.items() for r in study.read_metrics(run) if "loss" in r]
+    code(IGNORE_FIG + """rows = [{"method": "jit", "resolution": r["resolution"], "seed": r["seed"], "images": e["images"], "loss": e["loss"]}
+        for r in R for e in r["metrics"] if "loss" in e]
 plots.show(plots.curves(rows, "loss", title="JiT training loss", y_title="v-loss"), P, "01_loss").show()"""),
-    md("## FID against training images seen\nEMA samples against the held-out split, at the evaluation points of the run (small-sample FID: compare curves, not absolute values)."),
-    code(IGNORE_FIG + """fid = study.curves(P, ["jit"], P.low_res) + study.curves(P, ["jit"], P.high_res)
-plots.show(plots.curves(fid, title="JiT: FID during training"), P, "01_fid").show()"""),
-    code(IGNORE_NUM + """for res in (P.low_res, P.high_res):
-    last = [r for r in study.final_rows(P, ["jit"], [res])]
-    m, lo, hi = study.mean_interval([r["eval_fid"] for r in last])
-    print(f"final FID at {res} px: {m:.1f} (95% interval over {len(last)} seed(s): {lo:.1f} to {hi:.1f})")"""),
-    md("## Samples\nThe first EMA's class-balanced samples at the end of training (seed 0 of each resolution)."),
+    md("## FID against training images seen\nEMA samples against the held-out split (labelled with its class mix) at the evaluation points of the run: a small-sample FID, for the shape of the curves."),
+    code(IGNORE_FIG + """plots.show(plots.curves(stats.curves(R), title="JiT: FID during training"), P, "01_fid").show()"""),
+    code(NUM + """for row in stats.final_table(R, P.steps):
+    print(f"JiT at {row['resolution']} px, end of training: FID {row['fid']:.1f} "
+          f"(95% interval over {row['seeds']} seed(s): {row['fid_lo']:.1f} to {row['fid_hi']:.1f}; N = {row['n']} samples)")"""),
+    md("## Samples\nThe first EMA's samples at the end of training (seed 0 of each resolution)."),
     code(IGNORE_FIG + """for res in (P.low_res, P.high_res):
     s = torch.load(runs[(res, P.seeds[0])] / "samples.pt")
     plots.show(plots.image_grid(s["images"], ncols=8, title=f"JiT samples at {res} px"), P,
@@ -122,57 +134,48 @@ NB["02_repa_failure"] = head(
 where pixels carry little more than the encoder's features (low resolution), and hurts as training goes
 on where they carry much more (high resolution). Both resolutions here have the same number of tokens,
 so the network's cost is the same and only the pixel content per token changes.""",
-    "from pixelrepa import study, plots") + [
+    "from pixelrepa import study, stats, plots") + [
     code("""methods = [m for m in ("jit", "repa") if m in P.methods]
 for res in (P.low_res, P.high_res):
     for m in methods:
         for s in P.seeds:
             study.ensure_run(P, m, res, s)
+R = [r for r in study.runs(P) if r["arm"] in methods]
 print(f"runs: {methods} x {P.low_res} and {P.high_res} px x seeds {list(P.seeds)}")"""),
-    md("## FID against training images seen\nMean over seeds with the min-max band. The paper's curve: REPA ahead early, behind later."),
-    code(IGNORE_FIG + """rows = study.curves(P, methods, P.low_res) + study.curves(P, methods, P.high_res)
-plots.show(plots.curves(rows, title="JiT vs JiT + REPA: FID during training"), P, "02_fid_vs_images").show()"""),
+    md("## FID and precision/recall against training images seen\nMean over seeds with the min-max band. The paper's curve: REPA ahead early, behind later."),
+    code(IGNORE_FIG + """plots.show(plots.curves(stats.curves(R), title="JiT vs JiT + REPA: FID during training"), P, "02_fid_vs_images").show()
+for key in ("eval_precision", "eval_recall"):
+    plots.show(plots.curves(stats.curves(R, key), key, title=f"JiT vs JiT + REPA: {key[5:]} during training",
+                            y_title=key[5:]), P, f"02_{key[5:]}_vs_images").show()"""),
     md("""## Verdict
-REPA minus JiT final FID, paired by seed, with a 95% t-interval across seeds: negative means REPA is
-better. The paper: negative at the low resolution, positive at the high one (late in training)."""),
-    code(IGNORE_NUM + """final = study.final_rows(P, methods)
-verdict = [study.compare(final, "repa", "jit", res) for res in (P.low_res, P.high_res)]
-study.save_table(P, "resolution", verdict)
-for v in verdict:
-    print(v)"""),
+REPA minus JiT end-of-training FID, paired by seed (95% interval, the margin and the minimum detectable
+effect; outcomes after Holm's correction). The paper: negative at the low resolution, positive at the high one."""),
+    code(NUM + components(1)),
 ]
 
 NB["03_feature_hacking"] = head(
     "03 · Feature hacking",
     """Per class, the training images most and least similar to their class centroid in the encoder's space.
 Each subset is noised to an intermediate t (`hack_t`) and denoised by each model; FID (and FD in the
-encoder's space) of the reconstructions against the subset's own clean images, with bootstrap
-intervals. The paper: vanilla JiT beats JiT + REPA on the most-similar subset (REPA collapses the
-pixel diversity of a tight cluster), and REPA wins on the least-similar one.""",
-    "import dataclasses\nimport torch\nfrom pixelrepa import study, plots, diagnostics, train") + [
-    code("""methods = [m for m in ("jit", "repa", "pixelrepa") if m in P.methods]
-ds, feats = study.study_data(P, P.high_res)
-cfg = diagnostics.DiagnosticConfig(n_per_class=P.hack_per_class, t=P.hack_t, steps=P.hack_steps, n_boot=P.n_boot,
-                                   encoder=P.encoder, data_dir=str(study._path(P.data_dir)))
-print(cfg)"""),
-    code(IGNORE_NUM + """rows = []
-for s in P.seeds:
-    models = {m: train.load_jit(study.ensure_run(P, m, P.high_res, s))[0] for m in methods}
-    for r in diagnostics.feature_hacking(models, ds.images, ds.labels, feats.float(), dataclasses.replace(cfg, seed=s)):
-        rows.append({"seed": s, **r})
-study.save_table(P, "feature_hacking", rows)
-for r in rows:
-    print({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()})"""),
-    code(IGNORE_FIG + """plots.show(plots.bars([{**r, "method": r["model"]} for r in rows], "fid", "method", "subset",
+encoder's space) of the reconstructions against the subset's own clean images. The paper: REPA's
+penalty is larger on the most-similar subset (it collapses the pixel diversity of a tight cluster), so
+the study tests the interaction: (REPA - JiT) on the most-similar minus (REPA - JiT) on the least-similar.""",
+    "from pixelrepa import study, stats, plots") + [
+    code("""methods = [m for m in P.methods if m in ("jit", "repa", "pixelrepa")]
+for m in methods:
+    for s in P.seeds:
+        study.ensure_run(P, m, P.high_res, s)  # its evaluation records include the subset scores
+rows = [r for r in stats.subset_scores(study.runs(P)) if r["arm"] in methods]
+print(f"{len(rows)} subset records: {methods} x seeds {list(P.seeds)} x most/least")"""),
+    code(NUM + """for r in study.tables(P)["subsets"]:
+    if r["arm"] in methods:
+        print(f"{r['arm']:>10} {r['subset']:>5}: subset FID {r['fid']:.1f} over {r['seeds']} seed(s)")"""),
+    code(IGNORE_FIG + """plots.show(plots.bars([{"method": r["arm"], "subset": r["where"], "fid": r["value"]} for r in rows], "fid", "method", "subset",
                       title=f"subset FID of reconstructions from t = {P.hack_t}", y_title="FID"),
            P, "03_subset_fid").show()"""),
     md("""## Verdict
-REPA minus JiT subset FID, paired by seed (95% t-interval). The paper: positive on `most`, negative on `least`."""),
-    code(IGNORE_NUM + """subset_rows = [{"method": r["model"], "resolution": r["subset"], "seed": r["seed"], "fid": r["fid"]} for r in rows]
-verdict = [study.compare(subset_rows, "repa", "jit", sub, key="fid") for sub in ("most", "least")]
-study.save_table(P, "feature_hacking_verdict", verdict)
-for v in verdict:
-    print(v)"""),
+The interaction, paired by seed: positive if REPA's penalty is larger on the tight clusters."""),
+    code(NUM + components(2)),
 ]
 
 NB["04_mta_fix"] = head(
@@ -181,84 +184,114 @@ NB["04_mta_fix"] = head(
 after `in_context_start`, sees a copy with 20% of its tokens masked, and predicts the encoder's
 features of every token. The JiT keeps the unmasked hidden state; the adapter exists only in training.
 The ablation: an unmasked adapter beats REPA but not JiT; masking makes it beat JiT.""",
-    "import torch\nfrom pixelrepa import study, plots, train, align, data") + [
+    "from pixelrepa import study, stats, plots") + [
     code("""methods = list(P.methods)
-runs = {(m, s): study.ensure_run(P, m, P.high_res, s) for m in methods for s in P.seeds}
+runs = {(m, s): study.ensure_run(P, m, P.high_res, s) for m in methods for s in study.arm_seeds(P, m)}
+R = [r for r in study.runs(P) if r["resolution"] == P.high_res]
 print(f"runs at {P.high_res} px: {methods} x seeds {list(P.seeds)}")"""),
-    code(IGNORE_FIG + """rows = study.curves(P, methods, P.high_res)
-plots.show(plots.curves(rows, facet=None, title=f"FID during training at {P.high_res} px"), P, "04_fid_vs_images").show()"""),
+    code(IGNORE_FIG + """plots.show(plots.curves(stats.curves(R), facet=None, title=f"FID during training at {P.high_res} px"), P, "04_fid_vs_images").show()"""),
     md("## Alignment during training\nThe head's cosine with its target per logged step (for the masked adapter: over all tokens)."),
-    code(IGNORE_FIG + """cos = [{"method": m, "seed": s, "images": r["images"], "align_cos": r["align_cos"]}
-       for (m, s), run in runs.items() for r in study.read_metrics(run) if "align_cos" in r]
+    code(IGNORE_FIG + """cos = [{"method": r["arm"], "seed": r["seed"], "images": e["images"], "align_cos": e["align_cos"]}
+       for r in R for e in r["metrics"] if "align_cos" in e]
 plots.show(plots.curves(cos, "align_cos", facet=None, title="head cosine with the encoder's tokens",
                         y_title="cosine"), P, "04_align_cos").show()"""),
-    md("""## How aligned is the JiT itself?
-Linear CKA between each block's pooled hidden state and the encoder's pooled features, on training
-images noised to t = 0.5 (seed 0 of each method). Alignment through a head leaves its trace in the
-blocks below it."""),
-    code(IGNORE_FIG + """ds, feats = study.study_data(P, P.high_res)
-n = min(64, len(ds))
-x, y = data.to_model_range(ds.images[:n]), ds.labels[:n]
-cka = []
-for m in methods:
-    net, _ = train.load_jit(runs[(m, P.seeds[0])])
-    with torch.no_grad():
-        cka += [{"method": m, **r} for r in align.probe_alignment(net, x, y, feats[:n].float(), ts=(0.5,))]
-import plotly.graph_objects as go
-fig = go.Figure([go.Scatter(x=[r["block"] for r in cka if r["method"] == m], y=[r["cka"] for r in cka if r["method"] == m],
-                            name=plots.LABELS[m], line=dict(color=plots.COLORS[m])) for m in methods])
-fig.update_layout(title="linear CKA of each block with the encoder (t = 0.5)", xaxis_title="block", yaxis_title="CKA")
-plots.show(fig, P, "04_cka").show()"""),
+    md("""## The mechanism probe
+How much of the clean image the aligned block still carries: a ridge probe from its image tokens to the
+clean patch pixels (R^2 on held-out images), beside the block's linear CKA with the encoder, at several
+t, with intervals across seeds. The paper's account predicts REPA raises CKA and lowers the pixel R^2,
+and the masked adapter keeps R^2."""),
+    code(NUM + """T = study.tables(P)
+for r in T["probe"]:
+    if r["resolution"] == P.high_res:
+        print(f"{r['arm']:>13} t={r['t']:.2f}: pixel R2 {r['pixel_r2']:.3f}, CKA {r['cka']:.3f} ({r['seeds']} seed(s))")"""),
+    code(IGNORE_FIG + """import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+fig = make_subplots(rows=1, cols=2, subplot_titles=["pixel R^2 (held-out images)", "linear CKA with the encoder"])
+for col, key in enumerate(("pixel_r2", "cka"), start=1):
+    for arm in dict.fromkeys(r["arm"] for r in T["probe"] if r["resolution"] == P.high_res):
+        rs = [r for r in T["probe"] if r["arm"] == arm and r["resolution"] == P.high_res]
+        fig.add_trace(go.Scatter(x=[r["t"] for r in rs], y=[r[key] for r in rs], name=plots.label(arm),
+                                 line=dict(color=plots.color(arm)), showlegend=col == 1,
+                                 error_y=dict(type="data", symmetric=False,
+                                              array=[(r[key + "_hi"] - r[key]) if r[key + "_hi"] == r[key + "_hi"] else 0 for r in rs],
+                                              arrayminus=[(r[key] - r[key + "_lo"]) if r[key + "_lo"] == r[key + "_lo"] else 0 for r in rs])), 1, col)
+fig.update_xaxes(title_text="t (1 = clean)")
+plots.show(fig, P, "04_probe").show()"""),
     md("""## Verdict
-Final FID differences paired by seed (95% t-interval; negative: the first method is better). The paper:
-adapter < REPA, adapter > JiT, PixelREPA < JiT."""),
-    code(IGNORE_NUM + """final = study.final_rows(P, methods, [P.high_res])
-pairs = [("adapter", "repa"), ("adapter", "jit"), ("pixelrepa", "jit"), ("pixelrepa", "adapter")]
-verdict = [study.compare(final, a, b, P.high_res) for a, b in pairs if a in methods and b in methods]
-study.save_table(P, "mta", verdict)
-for v in verdict:
-    print(v)"""),
+End-of-training FID differences paired by seed. The paper: adapter < REPA, adapter > JiT, PixelREPA < JiT.
+Then the dose-response arms (secondary): each method at 4x its coefficient against itself."""),
+    code(NUM + components(3) + """
+for d in T["dose"]:
+    print(f"dose: {d['a']} - {d['b']}: {d['diff']:.1f} [{d['lo']:.1f}, {d['hi']:.1f}] FID over {d['n_seeds']} seed(s)")"""),
     code(IGNORE_FIG + """for m in methods:
-    s = torch.load(runs[(m, P.seeds[0])] / "samples.pt")
-    plots.show(plots.image_grid(s["images"], ncols=8, title=f"{plots.LABELS[m]} samples at {P.high_res} px"), P,
+    s = __import__("torch").load(runs[(m, P.seeds[0])] / "samples.pt")
+    plots.show(plots.image_grid(s["images"], ncols=8, title=f"{plots.label(m)} samples at {P.high_res} px"), P,
                f"04_samples_{m}", height=300).show()"""),
 ]
 
 NB["05_final_fid"] = head(
-    "05 · Final FID and convergence",
-    """The results table (final FID of every run, mean and 95% interval over seeds) and the convergence
-figure, read from the runs of this profile; then the verdicts of every claim the earlier notebooks
-tested, and the same table for every other profile that has run.""",
-    "import json\nfrom pixelrepa import study, plots") + [
-    code(IGNORE_NUM + """final = study.final_rows(P)
-table = []
-for res in (P.low_res, P.high_res):
-    for m in P.methods:
-        v = [r["eval_fid"] for r in final if r["method"] == m and r["resolution"] == res]
-        if v:
-            mean, lo, hi = study.mean_interval(v)
-            table.append({"method": m, "resolution": res, "seeds": len(v), "fid": round(mean, 2),
-                          "fid_lo": round(lo, 2), "fid_hi": round(hi, 2), "images": final[0]["images"]})
-study.save_table(P, "final_fid", table)
+    "05 · End scores, convergence and the verdicts",
+    """The results table (end-of-training FID, KID and precision/recall of every arm, mean and 95% interval
+over seeds), the convergence figure, the memorisation check, claim 4 (PixelREPA's final FID and its
+speed: PixelREPA at half the steps against JiT at all of them), and the verdicts of every claim,
+all computed from the run logs by `pixelrepa.stats`.""",
+    "import json\nfrom pixelrepa import study, stats, plots") + [
+    code("""for m, res, s in study.plan(P):
+    study.ensure_run(P, m, res, s)
+T = study.tables(P)
+R = study.runs(P)
+print(f"{len(R)} runs with logs; floors used: {T['floors']}")"""),
+    code(NUM + """for r in T["final"]:
+    pr = f", precision {r['precision']:.2f}, recall {r['recall']:.2f}" if "precision" in r else ""
+    print(f"{r['arm']:>13} {r['resolution']} px: FID {r['fid']:.1f} [{r['fid_lo'] if r['fid_lo'] is None else round(r['fid_lo'], 1)}, "
+          f"{r['fid_hi'] if r['fid_hi'] is None else round(r['fid_hi'], 1)}] over {r['seeds']} seed(s), N = {r['n']}{pr}")
+for r in T["memorisation"]:
+    print(f"memorisation {r['arm']} {r['resolution']} px: closer to a training image than to a held-out one for "
+          f"{r['closer_to_train']:.0%} of samples (0.5: no copying), NN distance ratio {r['nn_ratio']:.2f}")"""),
+    code(IGNORE_FIG + """plots.show(plots.curves(stats.curves(R), title="FID against training images seen, every arm"), P, "05_convergence").show()
+plots.show(plots.curves(stats.curves(R, "eval_recall"), "eval_recall", title="recall against training images seen",
+                        y_title="recall"), P, "05_recall").show()"""),
+    md("""## Claim 4
+PixelREPA against JiT at the end, and PixelREPA after half the steps against JiT after all of them
+(non-inferiority within the margin: the paper's > 2x faster)."""),
+    code(NUM + components(4)),
+    md("## Verdicts\nOne line per claim (README, Protocol, for the rules)."),
+    code(NUM + """for v in T["verdicts"]:
+    print(stats.describe(v))"""),
+    code(NUM + """for prof in study.profiles():
+    path = study.ROOT / "papermill_runs" / prof / "tables" / "verdicts.json"
+    if path.exists() and prof != P.profile:
+        print(prof, "; ".join(f"{v['claim']}: {v['verdict']}" for v in json.loads(path.read_text())))"""),
+]
+
+NB["calibration"] = [
+    md("""# Calibration of the evaluation
+
+How low FID can go at each sample size (the floor: disjoint real training subsets, class-matched to
+the reference, against the held-out reference), how much one trained model's score moves with the
+sampling seed alone (estimation noise), and what remains of the seed-to-seed spread (training noise).
+Computed by `python -m pixelrepa.calibration --profile decisive` into `records.jsonl`; this notebook
+only reads the records."""),
+    code('profile = "decisive"', tags=["parameters"]),
+    code("# nbval-ignore-output: the records grow as calibration measurements are added (each session may add some)\n" + """from pixelrepa import study, stats, plots
+P = study.load_profile(profile)
+records = stats.read_jsonl(study.repo_path(P.calibration))
+table = stats.calibration_table(records)
+print(f"{len(records)} records")
 for r in table:
-    print(r)"""),
-    code(IGNORE_FIG + """rows = study.curves(P, P.methods, P.low_res) + study.curves(P, P.methods, P.high_res)
-plots.show(plots.curves(rows, title="FID against training images seen, every method"), P, "05_convergence").show()"""),
-    md("""## Convergence speed
-Training images PixelREPA needs to reach JiT's final FID (linear interpolation between evaluation
-points of the seed-mean curves). The paper: PixelREPA at 300 epochs beats JiT at 600 (> 2x)."""),
-    code(IGNORE_NUM + """speed = study.speedup(P, "pixelrepa", "jit", P.high_res) if "pixelrepa" in P.methods else {}
-study.save_table(P, "speedup", [speed])
-print(speed)"""),
-    md("## Verdicts\nOne line per claim, from the tables the notebooks saved."),
-    code(IGNORE_NUM + """verdicts = study.verdicts(P)
-study.save_table(P, "verdicts", verdicts)
-for v in verdicts:
-    print(f"{v['claim']}: {v['verdict']} ({v['evidence']})")"""),
-    code(IGNORE_NUM + """for prof in study.profiles():
-    path = study.ROOT / "papermill_runs" / prof / "tables" / "final_fid.json"
-    if path.exists():
-        print(prof, json.dumps(json.loads(path.read_text())))"""),
+    print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()})"""),
+    code(IGNORE_FIG + """import plotly.graph_objects as go
+fig = go.Figure()
+for res in sorted({r["resolution"] for r in table}):
+    rs = [r for r in table if r["resolution"] == res and r["floor_fid"] is not None]
+    fig.add_trace(go.Scatter(x=[r["n"] for r in rs], y=[r["floor_fid"] for r in rs], name=f"floor {res} px",
+                             error_y=dict(type="data", array=[r["floor_sd"] or 0 for r in rs])))
+    rs = [r for r in table if r["resolution"] == res and r["model_fid"] is not None]
+    fig.add_trace(go.Scatter(x=[r["n"] for r in rs], y=[r["model_fid"] for r in rs], name=f"JiT {res} px (sampling seeds)",
+                             mode="markers+lines", error_y=dict(type="data", array=[r["estimation_sd"] or 0 for r in rs])))
+fig.update_layout(title="FID floor and one model's score against N (bars: SD over subsets / sampling seeds)",
+                  xaxis_title="N (samples)", yaxis_title="FID", xaxis_type="log")
+plots.show(fig, P, "calibration", folder=study.output_path("papermill_runs/calibration/figures")).show()"""),
 ]
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import refuse
 from .jit import JiTBlock, JiTConfig, TimestepEmbedder, rope_2d
 
 METHODS = ("jit", "repa", "adapter", "pixelrepa")
@@ -30,43 +31,56 @@ DEFAULT_MASK_RATIO = {"adapter": 0.0, "pixelrepa": 0.2}
 class AlignConfig:
     method: str = "jit"
     encoder: str = "effnet-lite0"  # or "dinov2-b14" where its weights are present
-    align_depth: int = -1  # block count whose output is read; -1: the JiT's in_context_start
-    coef: float = -1.0  # -1: the paper's (REPA 0.5, adapters 0.1)
-    mask_ratio: float = -1.0  # -1: 0.2 for pixelrepa, 0 for the unmasked adapter
+    align_depth: int | None = None  # block count whose output is read; None: the JiT's in_context_start
+    align_coef: float | None = None  # None: the paper's (REPA 0.5, adapters 0.1)
+    mask_ratio: float | None = None  # None: 0.2 for pixelrepa, 0 for the unmasked adapter
     proj_hidden: int = 2048  # REPA projector width
     adapter_depth: int = 2
 
     def __post_init__(self):
-        def bad(name, why):
-            raise ValueError(f"AlignConfig.{name}={getattr(self, name)!r}: {why}")
-        if self.method not in METHODS:
-            bad("method", f"must be one of {', '.join(METHODS)}")
-        if self.coef != -1.0 and not self.coef >= 0:
-            bad("coef", "must be >= 0 (or -1 for the paper's value)")
-        if self.mask_ratio != -1.0 and not 0 <= self.mask_ratio < 1:
-            bad("mask_ratio", "must be in [0, 1) (or -1 for the method's default)")
-        if self.method == "adapter" and self.mask_ratio not in (-1.0, 0.0):
-            bad("mask_ratio", "the unmasked adapter has mask ratio 0; use method='pixelrepa' to mask")
-        if self.proj_hidden < 1 or self.adapter_depth < 1:
-            bad("proj_hidden" if self.proj_hidden < 1 else "adapter_depth", "must be >= 1")
+        check_align(self)
+        if self.adapter_depth < 1:
+            refuse(self, "adapter_depth", "must be >= 1")
 
     @property
     def enabled(self) -> bool:
         return self.method != "jit"
 
     def depth(self, jit_cfg: JiTConfig) -> int:
-        d = jit_cfg.in_context_start if self.align_depth == -1 else self.align_depth
-        if not 1 <= d <= jit_cfg.depth:
-            raise ValueError(f"AlignConfig.align_depth={d}: must be in [1, depth={jit_cfg.depth}]")
-        return d
+        return aligned_depth(self, jit_cfg)
 
     @property
     def loss_coef(self) -> float:
-        return DEFAULT_COEF.get(self.method, 0.0) if self.coef == -1.0 else self.coef
+        return DEFAULT_COEF.get(self.method, 0.0) if self.align_coef is None else self.align_coef
 
     @property
     def ratio(self) -> float:
-        return DEFAULT_MASK_RATIO.get(self.method, 0.0) if self.mask_ratio == -1.0 else self.mask_ratio
+        return DEFAULT_MASK_RATIO.get(self.method, 0.0) if self.mask_ratio is None else self.mask_ratio
+
+
+def check_align(cfg, jit_cfg: JiTConfig | None = None) -> None:
+    """Refuse bad alignment settings of ``cfg``, an AlignConfig or any config with its fields (a
+    TrainConfig), naming the field of ``cfg``'s class; with ``jit_cfg``, also the depth it reads."""
+    if cfg.method not in METHODS:
+        refuse(cfg, "method", f"must be one of {', '.join(METHODS)}")
+    if cfg.align_coef is not None and not cfg.align_coef >= 0:
+        refuse(cfg, "align_coef", "must be >= 0 (or None for the paper's value)")
+    if cfg.mask_ratio is not None and not 0 <= cfg.mask_ratio < 1:
+        refuse(cfg, "mask_ratio", "must be in [0, 1) (or None for the method's default)")
+    if cfg.method == "adapter" and cfg.mask_ratio not in (None, 0.0):
+        refuse(cfg, "mask_ratio", "the unmasked adapter has mask ratio 0; use method='pixelrepa' to mask")
+    if cfg.proj_hidden < 1:
+        refuse(cfg, "proj_hidden", "must be >= 1")
+    if jit_cfg is not None:
+        aligned_depth(cfg, jit_cfg)
+
+
+def aligned_depth(cfg, jit_cfg: JiTConfig) -> int:
+    """The block count whose output ``cfg``'s head reads: its align_depth, or the JiT's in_context_start."""
+    d = jit_cfg.in_context_start if cfg.align_depth is None else cfg.align_depth
+    if not 1 <= d <= jit_cfg.depth:
+        refuse(cfg, "align_depth", f"must be in [1, depth={jit_cfg.depth}]", value=d)
+    return d
 
 
 def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,10 +143,8 @@ class MaskedTransformerAdapter(nn.Module):
         x = torch.cat([y_emb.unsqueeze(1) + self.in_context_pos, h], dim=1) if L else h
         for block in self.blocks[:-1]:
             x = block(x, c, self.rope)
-        # the last block gives the image tokens only (the in-context ones are not aligned), as the
-        # JiT's; with the benchmark's reference-style attention it does the reference's full work
-        skip = L if self.blocks[-1].attn.impl != "reference" else 0
-        return self.head(self.blocks[-1](x, c, self.rope, skip)[:, L - skip:])
+        # the last block gives the image tokens only (the in-context ones are not aligned), as the JiT's
+        return self.head(self.blocks[-1](x, c, self.rope, L))
 
 
 def build_head(cfg: AlignConfig, jit_cfg: JiTConfig, enc_dim: int) -> nn.Module | None:

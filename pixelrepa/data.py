@@ -16,7 +16,6 @@ import gzip
 import hashlib
 import multiprocessing as mp
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterator, Literal
@@ -27,6 +26,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm  # not tqdm.auto: its widget needs ipywidgets under papermill
+
+from .storage import read_cache, save_cache
 
 DATASETS = ("openclipart", "fashion-mnist")
 SPLITS = ("train", "eval", "all")
@@ -330,50 +331,6 @@ def _source_key(name: str, resolution: int) -> dict:
             "num_files": len(listing), "sha256": digest}
 
 
-def _read_cache(path: Path, key: dict) -> dict | None:
-    """The cached dict, or None (with a warning unless absent) if it must be rebuilt."""
-    if not path.exists():
-        return None
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated or corrupt: torch raises various types
-        warnings.warn(f"cache {path} is unreadable ({type(err).__name__}: {err}); rebuilding", stacklevel=4)
-        return None
-    if isinstance(data, dict) and data.get("key") == key:
-        return data
-    warnings.warn(f"cache {path} is stale (other sources, resolution or format); rebuilding", stacklevel=4)
-    return None
-
-
-def _write_atomically(path: Path, write, binary: bool) -> None:
-    """``write(f)`` into a temporary file beside ``path`` (a unique name: concurrent writers of one
-    shared file never mix), flushed to disk, then renamed: the old file or the new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; caches and records are shared like any data file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_save(obj: dict, path: Path) -> None:
-    """A torch cache written atomically (`_write_atomically`)."""
-    _write_atomically(path, lambda f: torch.save(obj, f), binary=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Text (configs, logs, run records) written atomically (`_write_atomically`)."""
-    _write_atomically(path, lambda f: f.write(text), binary=False)
-
-
 def _subset(data: dict, split: str, resolution: int) -> ImageDataset:
     idx = data["splits"][split] if split != "all" else torch.arange(len(data["labels"]))
     images = data["images"].index_select(0, idx)
@@ -405,12 +362,10 @@ def load_dataset(name: str, resolution: int, split: str = "train",
                                f"install it with `{INSTALL_HINT[name]}`")
         key = _source_key(name, resolution)
         cache = Path(data_dir) / f"{name}-{resolution}px.pt"
-        data = _read_cache(cache, key)
+        data = read_cache(cache, key)
         if data is None:
             build = _build_openclipart if name == "openclipart" else _build_fashion_mnist
-            data = build(resolution, progress)
-            data["key"] = key
-            _atomic_save(data, cache)
+            data = save_cache(cache, key, build(resolution, progress))
         return _subset(data, split, resolution)
     path = Path(name).expanduser()
     if path.is_dir():

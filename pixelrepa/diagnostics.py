@@ -26,6 +26,7 @@ from threadpoolctl import threadpool_limits
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 
 from . import metrics
+from .config import refuse
 from .data import from_model_range, to_model_range
 from .flow import Net, SamplerConfig, add_noise, sample
 from .jit import MODELS
@@ -50,24 +51,22 @@ class DiagnosticConfig:
     data_dir: str = "data"  # where metrics finds (or converts) the Inception weights
 
     def __post_init__(self):
-        def bad(field, why):
-            raise ValueError(f"DiagnosticConfig.{field}={getattr(self, field)!r}: {why}")
         for f in ("n_per_class", "steps", "n_boot", "batch_size"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                bad(f, "must be a positive integer")
+                refuse(self, f, "must be a positive integer")
         if not 0 <= self.t < 1:
-            bad("t", "must be in [0, 1): 0 is pure noise, 1 (clean) would leave nothing to denoise")
+            refuse(self, "t", "must be in [0, 1): 0 is pure noise, 1 (clean) would leave nothing to denoise")
         if self.method not in ("heun", "euler"):
-            bad("method", "must be 'heun' or 'euler'")
+            refuse(self, "method", "must be 'heun' or 'euler'")
         if not self.cfg_scale >= 0:
-            bad("cfg_scale", "must be >= 0")
+            refuse(self, "cfg_scale", "must be >= 0")
         if not self.noise_scale > 0:
-            bad("noise_scale", "must be > 0")
+            refuse(self, "noise_scale", "must be > 0")
         if not 0 < self.ci < 1:
-            bad("ci", "must be in (0, 1), e.g. 0.95")
+            refuse(self, "ci", "must be in (0, 1), e.g. 0.95")
         if self.encoder not in metrics.FD_KEYS:
-            bad("encoder", f"must be one of {', '.join(map(repr, metrics.FD_KEYS))}")
+            refuse(self, "encoder", f"must be one of {', '.join(map(repr, metrics.FD_KEYS))}")
 
     @property
     def sampler(self) -> SamplerConfig:
@@ -268,3 +267,53 @@ def same_token_models(base: str = "JiT-Ti", resolutions: tuple[int, ...] = (32, 
 __all__ = ["DiagnosticConfig", "SUBSETS", "pooled", "class_centroids", "similarity_subsets", "denoise_from",
            "frechet_distance", "bootstrap_frechet", "feature_hacking", "tokens",
            "same_token_models"]
+
+
+# ----------------------------------------------------------------------------- the mechanism probe
+
+def patches(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Images (B, 3, H, W) as the JiT's tokens see them: (B, (H/p)(W/p), p*p*3), `JiT.unpatchify`'s inverse."""
+    B, C, H, W = x.shape
+    return x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def ridge_r2(h_fit: torch.Tensor, y_fit: torch.Tensor, h_test: torch.Tensor, y_test: torch.Tensor,
+             ridge: float = 1e-3) -> float:
+    """R^2 on (h_test, y_test) of a ridge regression y ~ h + 1 fitted on (h_fit, y_fit) (rows are
+    tokens); the penalty is ``ridge`` times the mean eigenvalue of the fitted features' covariance."""
+    h_fit, y_fit, h_test, y_test = (v.double() for v in (h_fit, y_fit, h_test, y_test))
+    mu_h, mu_y = h_fit.mean(0), y_fit.mean(0)
+    hc = h_fit - mu_h
+    gram = hc.T @ hc
+    lam = ridge * torch.trace(gram) / gram.shape[0]
+    w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), hc.T @ (y_fit - mu_y))
+    pred = (h_test - mu_h) @ w + mu_y
+    return float(1 - ((y_test - pred) ** 2).sum() / ((y_test - y_test.mean(0)) ** 2).sum())
+
+
+@torch.no_grad()
+def pixel_probe(net: Net, depth: int, fit: tuple, test: tuple, target: torch.Tensor, ts=(0.25, 0.5, 0.75),
+                noise_scale: float = 1.0, seed: int = 0, ridge: float = 1e-3) -> list[dict]:
+    """How much of the clean image block ``depth``'s hidden state still carries: a linear (ridge) probe
+    from its image tokens to the clean patch pixels, fitted on ``fit`` = (uint8 images, labels) and
+    scored (R^2) on held-out ``test`` images, at each noise level t (1 = clean); beside it the linear
+    CKA of the pooled hidden state with the encoder's pooled ``target`` features of the fit images.
+    One record per t. The noise comes from ``seed``: the same for every model."""
+    from .align import linear_cka
+    p = net.cfg.patch_size
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for t in ts:
+        hidden, pix = [], []
+        for images, labels in (fit, test):
+            x = to_model_range(images)
+            e = noise_scale * torch.randn(x.shape, generator=g)
+            tt = torch.full((len(x),), float(t))
+            _, (h,) = net(add_noise(x, tt, e), tt, labels.long(), hidden_at=(depth,))
+            hidden.append(h.float())
+            pix.append(patches(x, p))
+        r2 = ridge_r2(hidden[0].flatten(0, 1), pix[0].flatten(0, 1), hidden[1].flatten(0, 1), pix[1].flatten(0, 1), ridge)
+        cka = linear_cka(hidden[0].mean(1), target.float().mean(1) if target.ndim == 3 else target.float())
+        out.append({"t": float(t), "block": depth, "pixel_r2": r2, "cka": cka,
+                    "n_fit": len(fit[0]), "n_test": len(test[0])})
+    return out

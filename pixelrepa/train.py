@@ -9,14 +9,11 @@ exactly, and N processes follow one process at the same global batch up to float
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
 import copy
-import dataclasses
 import datetime
-import hashlib
 import json
 import math
-import numbers
 import os
 import sys
 import time
@@ -30,10 +27,14 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data as datalib
-from .data import atomic_write_text
-from .align import AlignConfig, build_head, cosine_loss, token_mask
-from .flow import FlowConfig, SamplerConfig, add_noise, generate, sample_t, v_loss
+from . import encoders
+from . import scalars
+from .align import AlignConfig, build_head, check_align, cosine_loss, token_mask
+from .config import check_types, config_parser, refuse, shared
+from .flow import FlowConfig, SamplerConfig, add_noise, check_flow, generate, sample_t, v_loss
 from .jit import JiT, JiTConfig, MODELS, jit_config
+from .storage import (CheckpointError, append_log, atomic_write_text, checkpoints, clean_partial_writes,
+                      latest_checkpoint, load_weights, save_checkpoint, truncate_log)
 
 T_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)  # the loss is logged per t bin: low t (noisy) is the hard part
 
@@ -56,8 +57,8 @@ class TrainConfig:
     noise_scale: float = 1.0
     t_eps: float = 0.05
     label_drop: float = 0.1
-    attn_drop: float = -1.0  # -1: the registry's value
-    proj_drop: float = -1.0
+    attn_drop: float | None = None  # None: the registry's value
+    proj_drop: float | None = None
     seed: int = 0
     ckpt_every: int = 100
     keep_ckpts: int = 2
@@ -73,9 +74,9 @@ class TrainConfig:
     method: str = "jit"
     encoder: str = "effnet-lite0"
     encoder_weights: str = ""  # DINOv2 weights file; empty: $PIXELREPA_DINOV2 or the Hugging Face cache
-    align_depth: int = -1
-    align_coef: float = -1.0
-    mask_ratio: float = -1.0
+    align_depth: int | None = None  # None: the paper's values (align.py)
+    align_coef: float | None = None
+    mask_ratio: float | None = None
     proj_hidden: int = 2048
     cache_targets: bool = True  # built-in datasets: encoder features computed once and cached under data_dir
     # convergence: FID/KID of eval_samples EMA samples against the held-out split, every eval_every steps
@@ -83,91 +84,50 @@ class TrainConfig:
     eval_samples: int = 256
     eval_steps: int = 25
     eval_real: int = 0  # held-out images in the FID reference (0: the whole eval split)
+    eval_seed: int = 2026  # the samples' noise: fixed, independent of the training seed (paired across methods)
     dist_timeout: int = 1800  # seconds a torchrun collective may wait for a lost process before failing
 
     def __post_init__(self):
-        def bad(name, why):
-            raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: {why}")
-        self._check_types(bad)
+        check_types(self)
         if self.model not in MODELS:
-            bad("model", f"unknown; valid names: {', '.join(MODELS)}")
+            refuse(self, "model", f"unknown; valid names: {', '.join(MODELS)}")
         for name in ("resolution", "steps", "batch_size", "ckpt_every", "keep_ckpts", "log_every", "sample_steps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                bad(name, "must be a positive integer")
+            if getattr(self, name) < 1:
+                refuse(self, name, "must be a positive integer")
         if self.resolution % MODELS[self.model]["patch_size"]:
-            bad("resolution", f"must be divisible by the patch size of {self.model}")
-        if not (isinstance(self.blr, (int, float)) and self.blr > 0 and math.isfinite(self.blr)):
-            bad("blr", "must be a positive finite number")
+            refuse(self, "resolution", f"must be divisible by the patch size of {self.model}")
+        if not self.blr > 0:
+            refuse(self, "blr", "must be a positive finite number")
         if self.warmup_epochs < 0:
-            bad("warmup_epochs", "must be >= 0")
+            refuse(self, "warmup_epochs", "must be >= 0")
         if not 0 <= self.seed < 2 ** 31:
-            bad("seed", "must be in [0, 2**31)")
+            refuse(self, "seed", "must be in [0, 2**31)")
         if self.dist_timeout < 1:
-            bad("dist_timeout", "must be >= 1 second")
-        if not self.ema_decays or not all(0 < d < 1 for d in self.ema_decays):
-            bad("ema_decays", "need one or more decays in (0, 1)")
+            refuse(self, "dist_timeout", "must be >= 1 second")
+        if not all(0 < d < 1 for d in self.ema_decays):
+            refuse(self, "ema_decays", "need one or more decays in (0, 1)")
         for name in ("attn_drop", "proj_drop"):
-            if not (getattr(self, name) == -1.0 or 0 <= getattr(self, name) < 1):
-                bad(name, "must be in [0, 1), or -1 for the registry's value")
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) < 1:
+                refuse(self, name, "must be in [0, 1), or None for the registry's value")
         for name in ("num_samples", "num_workers", "eval_every", "train_images", "eval_real"):
             if getattr(self, name) < 0:
-                bad(name, "must be >= 0")
+                refuse(self, name, "must be >= 0")
         if self.eval_every and (self.eval_samples < 2 or self.eval_steps < 1):
-            bad("eval_samples" if self.eval_samples < 2 else "eval_steps", "must be >= 2 (samples) and >= 1 (steps)")
+            refuse(self, "eval_samples" if self.eval_samples < 2 else "eval_steps", "must be >= 2 (samples) and >= 1 (steps)")
         if self.device not in ("auto", "cpu", "cuda"):
-            bad("device", "must be auto, cpu or cuda")
-        try:
-            self.flow  # validates P_std, noise_scale, t_eps, label_drop
-            self.align  # validates method, coefficient and mask ratio
-            self.align.depth(jit_config(self.model, self.resolution, 1))
-        except ValueError as err:  # the same checks, in this class's field names
-            raise ValueError(str(err).replace("AlignConfig.coef", "TrainConfig.align_coef")
-                             .replace("AlignConfig.", "TrainConfig.").replace("FlowConfig.", "TrainConfig.")) from None
-        from .encoders import ENCODERS  # both resize any resolution to the JiT's token grid
-        if self.encoder not in ENCODERS:
-            bad("encoder", f"unknown; valid names: {', '.join(ENCODERS)}")
-
-    def _check_types(self, bad):
-        """Each field must have its default's type (ints for floats allowed; numbers must be finite):
-        a string, a NaN or a bool where a count belongs is refused here, not deep inside training."""
-        for f in dataclasses.fields(self):
-            v, default = getattr(self, f.name), f.default
-            if isinstance(default, bool):
-                if not isinstance(v, bool):
-                    bad(f.name, "must be True or False")
-            elif isinstance(default, int):
-                if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-                    bad(f.name, "must be an integer")
-                setattr(self, f.name, int(v))
-            elif isinstance(default, float):
-                if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-                    bad(f.name, "must be a finite number")
-                setattr(self, f.name, float(v))
-            elif isinstance(default, str):
-                if isinstance(v, os.PathLike):
-                    v = os.fspath(v)
-                    setattr(self, f.name, v)
-                if not isinstance(v, str):
-                    bad(f.name, "must be a string")
-            elif isinstance(default, tuple):
-                try:
-                    v = None if isinstance(v, (str, bytes)) else tuple(v)
-                except TypeError:
-                    v = None
-                if v is None or not all(isinstance(d, numbers.Real) and not isinstance(d, bool) and math.isfinite(d)
-                                        for d in v):
-                    bad(f.name, "must be a sequence of finite numbers")
-                setattr(self, f.name, tuple(float(d) for d in v))
+            refuse(self, "device", "must be auto, cpu or cuda")
+        check_flow(self)  # P_std, noise_scale, t_eps, label_drop
+        check_align(self, jit_config(self.model, self.resolution, 1))  # method, coefficient, mask ratio, depth
+        if self.encoder not in encoders.ENCODERS:  # both resize any resolution to the JiT's token grid
+            refuse(self, "encoder", f"unknown; valid names: {', '.join(encoders.ENCODERS)}")
 
     @property
     def align(self) -> AlignConfig:
-        return AlignConfig(self.method, self.encoder, self.align_depth, self.align_coef, self.mask_ratio,
-                           self.proj_hidden)
+        return AlignConfig(**shared(self, AlignConfig))
 
     @property
     def flow(self) -> FlowConfig:
-        return FlowConfig(self.P_mean, self.P_std, self.noise_scale, self.t_eps, self.label_drop)
+        return FlowConfig(**shared(self, FlowConfig))
 
 
 # ----------------------------------------------------------------------------- process helpers
@@ -265,7 +225,6 @@ def _targets_name(cfg: TrainConfig) -> str:
 
 def cached_targets(cfg: TrainConfig, enc, ds, progress: bool = True) -> torch.Tensor:
     """The encoder tokens of a built-in training set, (2: plain and flipped, N, T, D), cached once."""
-    from . import encoders
     return encoders.cached_features(enc, _targets_name(cfg), ds.images, cfg.resolution, cfg.data_dir, progress=progress)
 
 
@@ -273,7 +232,6 @@ def make_targets(cfg: TrainConfig, ds, jit_cfg: JiTConfig, device: torch.device)
     """A function (indices, images in model range, flip mask) -> encoder tokens on the JiT grid, and
     the encoder's width. Built-in datasets read features cached once per dataset and resolution;
     anything else runs the frozen encoder on the batch."""
-    from . import encoders
     enc = encoders.build_encoder(cfg.encoder, jit_cfg.grid, weights=cfg.encoder_weights or None, device=device)
     if cfg.cache_targets and getattr(ds, "images", None) is not None and cfg.dataset in datalib.DATASETS:
         feats = cached_targets(cfg, enc, ds, progress=cfg.progress and dist_info()[0] == 0)
@@ -287,198 +245,14 @@ def make_targets(cfg: TrainConfig, ds, jit_cfg: JiTConfig, device: torch.device)
 
 
 def lr_at(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
+    """blr * batch / 256, warmed up linearly per iteration as the reference: lr * step / warmup_its,
+    so the very first step (step 0) has lr 0; constant after warm-up."""
     base = cfg.blr * cfg.batch_size / 256
     warmup = cfg.warmup_epochs * steps_per_epoch
-    return base * min(1.0, (step + 1) / warmup) if warmup > 0 else base
+    return base * min(1.0, step / warmup) if warmup > 0 else base
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: unreadable, failing its checksum, not a pixelrepa training
-    checkpoint, or holding weights of another network. The message names the file."""
-
-
-CKPT_KEYS = ("step", "config", "model", "emas", "opt")
-
-
-def checkpoints(out_dir: Path) -> list[Path]:
-    return sorted(Path(out_dir).glob("ckpt-*.pt"))
-
-
-def checksum_path(path: Path) -> Path:
-    """The sidecar holding a checkpoint's sha256, in `sha256sum` format (`sha256sum -c` checks it)."""
-    return path.with_name(path.name + ".sha256")
-
-
-class _HashingWriter:
-    """A file object for torch.save that hashes the bytes on their way to disk."""
-
-    def __init__(self, f):
-        self.f, self.name, self.sha = f, getattr(f, "name", ""), hashlib.sha256()
-
-    def write(self, b):
-        self.sha.update(b)
-        return self.f.write(b)
-
-    def flush(self):
-        self.f.flush()
-
-
-def _fsync_dir(path: Path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_save(obj, path: Path) -> str:
-    """Written aside, flushed to disk, then renamed: a crash leaves the old file or the new, never half.
-
-    The sha256 of the bytes goes to ``PATH.sha256``, renamed into place *before* the file itself, so
-    every file at ``path`` has its checksum beside it (a kill in between leaves only a stray sidecar).
-    Returns the hex digest.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            w = _HashingWriter(f)
-            torch.save(obj, w)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:  # disk full, interrupted: no half file left behind
-        tmp.unlink(missing_ok=True)
-        raise
-    digest = w.sha.hexdigest()
-    atomic_write_text(checksum_path(path), f"{digest}  {path.name}\n")
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return digest
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """A training checkpoint, verified: its sha256 against the sidecar (when there is one; files
-    written before checksums existed have none and are checked by loading only), then loaded, then
-    checked to hold a pixelrepa training state. Raises `CheckpointError` naming the file."""
-    path = Path(path)
-    side = checksum_path(path)
-    if side.is_file():
-        want = (side.read_text().split() or [""])[0].lower()
-        got = sha256_file(path)
-        if got != want:
-            raise CheckpointError(f"checkpoint {path} fails its checksum (sha256 {got[:16]}..., but "
-                                  f"{side.name} records {want[:16] or 'nothing'}...): the file is corrupt or truncated")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # truncated zip, bad pickle, ...
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err})") from err
-    missing = [k for k in CKPT_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise CheckpointError(f"{path} is not a pixelrepa training checkpoint (it has no {', '.join(missing)} "
-                              "entries); move it out of the run directory")
-    return state
-
-
-def latest_checkpoint(out_dir: Path, map_location="cpu", verbose: bool = True) -> tuple[Path, dict] | None:
-    """(path, state) of the newest usable checkpoint in ``out_dir``, or None. A corrupt, truncated or
-    foreign one is reported on stderr (file and reason) and the previous one used."""
-    for path in reversed(checkpoints(Path(out_dir))):
-        try:
-            return path, read_checkpoint(path, map_location)
-        except CheckpointError as err:
-            if verbose:
-                print(f"warning: {err}; trying the previous one", file=sys.stderr, flush=True)
-    return None
-
-
-def load_latest(out_dir: Path, map_location="cpu") -> dict | None:
-    """The newest checkpoint that passes `read_checkpoint`; a bad one is reported and the previous one used."""
-    found = latest_checkpoint(out_dir, map_location)
-    return None if found is None else found[1]
-
-
-def clean_partial_writes(out_dir: Path):
-    """Remove what a process killed while saving leaves behind: temporary files and stray sidecars."""
-    for tmp in sorted(out_dir.glob(".*.tmp")):  # checkpoints, and text records (unique names)
-        print(f"note: removing {tmp}, a write that was interrupted", file=sys.stderr, flush=True)
-        tmp.unlink(missing_ok=True)
-    for side in out_dir.glob("ckpt-*.pt.sha256"):
-        if not side.with_name(side.name.removesuffix(".sha256")).exists():
-            side.unlink(missing_ok=True)
-
-
-def _state_dict_diff(module: nn.Module, sd: dict) -> str:
-    """What keeps ``sd`` from loading into ``module``, in a line: missing, unexpected and reshaped entries."""
-    if not isinstance(module, nn.Module) or not isinstance(sd, dict):
-        return ""
-    own = module.state_dict()
-    missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
-    shaped = [f"{k}: checkpoint {tuple(sd[k].shape)} vs network {tuple(own[k].shape)}" for k in own
-              if k in sd and hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(own[k].shape)]
-    parts = [f"{len(v)} {what} (e.g. {', '.join(v[:2])})" for v, what in
-             ((shaped, "of another shape"), (missing, "missing"), (unexpected, "unexpected")) if v]
-    return "; ".join(parts)
-
-
-def _load_weights(module, sd: dict, path, what: str):
-    try:
-        module.load_state_dict(sd)
-    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
-        why = _state_dict_diff(module, sd) or "; ".join(l.strip() for l in str(err).splitlines() if l.strip())[:400]
-        raise CheckpointError(f"the {what} weights in {path} do not fit this network ({why}); was the checkpoint "
-                              "made with another model size, method or number of classes?") from None
-
-
-def load_jit(path: str | Path, which: str = "ema0", device: str | torch.device = "cpu") -> tuple[JiT, dict]:
-    """A trained JiT from a checkpoint file or run directory (its newest checkpoint), without any head.
-
-    ``which``: "model" (raw weights) or "ema0", "ema1" (the EMA copies, decays in config order).
-    Returns the network in eval mode and the run's config dict. A file failing its checksum, not a
-    pixelrepa checkpoint, or holding weights of another size raises `CheckpointError`.
-    """
-    path = Path(path)
-    if path.is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"no readable checkpoint (ckpt-*.pt) in {path}")
-        path, state = found
-    elif path.is_file():
-        state = read_checkpoint(path)
-    else:
-        raise FileNotFoundError(f"no checkpoint file or run directory at {path}")
-    net, cfg = jit_from_state(state, which, path)
-    return net.to(device), cfg
-
-
-def jit_from_state(state: dict, which: str = "ema0", path: str | Path = "the checkpoint") -> tuple[JiT, dict]:
-    """The JiT (eval mode, on the CPU) of a loaded checkpoint ``state`` and the run's config dict;
-    ``which`` as in `load_jit`, ``path`` only names the file in errors."""
-    cfg = state["config"]
-    names = ["model"] + [f"ema{i}" for i in range(len(state["emas"]))]
-    if which not in names:
-        raise ValueError(f"which={which!r}: {path} holds {', '.join(names)}")
-    sd = state["model"] if which == "model" else state["emas"][int(which.removeprefix("ema"))]
-    if not isinstance(cfg, dict) or cfg.get("model") not in MODELS or "y_embedder.weight" not in sd:
-        raise CheckpointError(f"{path}: its config names no known model ({cfg.get('model') if isinstance(cfg, dict) else cfg!r}) "
-                              "or its weights are not a JiT's")
-    num_classes = sd["y_embedder.weight"].shape[0] - 1
-    over = {k: cfg[k] for k in ("attn_drop", "proj_drop") if cfg.get(k, -1) >= 0}
-    net = JiT(jit_config(cfg["model"], cfg["resolution"], num_classes, **over))
-    _load_weights(net, sd, path, f"{which} ({cfg['model']} at {cfg['resolution']} px)")
-    return net.eval(), cfg
-
+# ----------------------------------------------------------------------------- resuming
 
 COMPAT_FIELDS = ("model", "dataset", "resolution", "train_images", "batch_size", "seed", "ema_decays", "method", "encoder",
                  "align_depth", "mask_ratio", "proj_hidden")
@@ -518,8 +292,7 @@ def train(cfg: TrainConfig) -> Path:
         check_compatible(saved["config"], cfg, out_dir)
 
     ds = training_set(cfg, progress=cfg.progress and rank == 0)
-    over = {k: v for k, v in (("attn_drop", cfg.attn_drop), ("proj_drop", cfg.proj_drop)) if v >= 0}
-    jit_cfg = jit_config(cfg.model, cfg.resolution, ds.num_classes, **over)
+    jit_cfg = jit_config(cfg.model, cfg.resolution, ds.num_classes, attn_drop=cfg.attn_drop, proj_drop=cfg.proj_drop)
     align = cfg.align
     targets, enc_dim = make_targets(cfg, ds, jit_cfg, device) if align.enabled else (None, 0)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -531,12 +304,12 @@ def train(cfg: TrainConfig) -> Path:
                             fused=device.type in ("cpu", "cuda"))
     start = 0
     if saved is not None:
-        _load_weights(model, saved["model"], saved_path, "model")
+        load_weights(model, saved["model"], saved_path, "model")
         if head is not None:
-            _load_weights(head, saved.get("head", {}), saved_path, f"{cfg.method} head")
+            load_weights(head, saved.get("head", {}), saved_path, f"{cfg.method} head")
         for i, (ema, sd) in enumerate(zip(emas, saved["emas"])):
-            _load_weights(ema, sd, saved_path, f"ema{i}")
-        _load_weights(opt, saved["opt"], saved_path, "optimizer")
+            load_weights(ema, sd, saved_path, f"ema{i}")
+        load_weights(opt, saved["opt"], saved_path, "optimizer")
         start = saved["step"]
         if rank == 0:
             print(f"resuming from {saved_path} (step {start} of {cfg.steps})", file=sys.stderr, flush=True)
@@ -550,6 +323,7 @@ def train(cfg: TrainConfig) -> Path:
     if rank == 0:
         truncate_log(log_path, start)  # steps after the checkpoint will be logged again
         atomic_write_text(out_dir / "config.json", json.dumps(asdict(cfg), indent=1))
+    tb = scalars.open_writer(out_dir, start) if rank == 0 else None  # TensorBoard too, where installed
 
     net = trainable
     if world > 1:
@@ -609,11 +383,14 @@ def train(cfg: TrainConfig) -> Path:
                 if mask is not None:
                     rec["align_cos_masked"] = round(cos[mask].mean().item(), 6)
             append_log(log_path, rec)
+            scalars.write(tb, rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             t_last, n_last = now, 0
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
             if rank == 0:
-                append_log(log_path, {"step": done, "images": done * B, **evaluate(cfg, emas[0], ds.num_classes, device)})
+                rec = {"step": done, "images": done * B, **evaluate(cfg, emas[0], ds.num_classes, device)}
+                append_log(log_path, rec)
+                scalars.write(tb, rec)
             if dist.is_initialized():
                 dist.barrier()
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
@@ -621,8 +398,15 @@ def train(cfg: TrainConfig) -> Path:
                 # the loss was finite but the update was not: never save such weights as "good"
                 report_nonfinite(out_dir, cfg, step, sampler.global_indices(step), loss, ds=ds,
                                  what="weights after the update of")
-            save_checkpoint(out_dir, cfg, done, model, head, emas, opt, rank)
+            if rank == 0:
+                save_checkpoint(out_dir, {"step": done, "config": asdict(cfg), "model": model.state_dict(),
+                                          "head": head.state_dict() if head is not None else {},
+                                          "emas": [e.state_dict() for e in emas], "opt": opt.state_dict()},
+                                cfg.keep_ckpts)
+            if dist.is_initialized():
+                dist.barrier()
     bar.close()
+    scalars.close(tb)
     if rank == 0 and cfg.num_samples:
         save_samples(out_dir, cfg, emas[0], ds.num_classes, device)
     return out_dir
@@ -635,39 +419,6 @@ def loss_by_t(per_sample: torch.Tensor, t: torch.Tensor) -> dict:
         if m.any():
             out[f"loss_t{lo:.2f}-{hi:.2f}"] = round(per_sample[m].mean().item(), 6)
     return out
-
-
-def append_log(path: Path, rec: dict):
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
-
-
-def truncate_log(path: Path, step: int):
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:  # a line cut short by a kill mid-write
-            print(f"warning: dropping a damaged line of {path}: {line[:80]!r}", file=sys.stderr)
-            continue
-        if rec is not None and rec.get("step", math.inf) <= step:
-            keep.append(line)
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
-
-
-def save_checkpoint(out_dir: Path, cfg: TrainConfig, step: int, model, head, emas, opt, rank: int):
-    if rank == 0:
-        state = {"step": step, "config": asdict(cfg), "model": model.state_dict(),
-                 "head": head.state_dict() if head is not None else {},
-                 "emas": [e.state_dict() for e in emas], "opt": opt.state_dict()}
-        atomic_save(state, out_dir / f"ckpt-{step:08d}.pt")
-        for old in checkpoints(out_dir)[:-cfg.keep_ckpts]:
-            old.unlink()
-            checksum_path(old).unlink(missing_ok=True)
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def nonfinite_ranks(loss: torch.Tensor) -> list[int]:
@@ -706,16 +457,17 @@ def report_nonfinite(out_dir: Path, cfg: TrainConfig, step: int, indices: torch.
 
 
 def evaluate(cfg: TrainConfig, ema: JiT, num_classes: int, device: torch.device) -> dict:
-    """FID and KID (torch-fidelity, offline Inception) of class-balanced EMA samples against the
-    dataset's held-out split: a small-sample estimate for convergence curves, not a final number."""
-    from .metrics import compute_metrics, reference_stats
+    """FID, KID and precision/recall (torch-fidelity, offline Inception) of EMA samples, labelled with
+    the held-out split's class frequencies, against that split: the convergence curves' points."""
+    from .metrics import evaluate_model
     scfg = SamplerConfig(steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, noise_scale=cfg.noise_scale, t_eps=cfg.t_eps)
-    imgs, _ = generate(ema, cfg.eval_samples, num_classes, (3, cfg.resolution, cfg.resolution), scfg,
-                       seed=cfg.seed + 1, device=device, progress=False)
-    ref = reference_stats(cfg.dataset, cfg.resolution, "eval", n=cfg.eval_real or None, data_dir=cfg.data_dir)
-    m = compute_metrics(imgs, ref_stats=ref, dataset=cfg.dataset, data_dir=cfg.data_dir, device=device)
-    return {"eval_fid": round(m["fid"], 4), "eval_kid": round(m["kid_mean"], 6), "eval_n": cfg.eval_samples,
-            "eval_n_real": m["n_real"], "eval_steps": cfg.eval_steps}
+    m = evaluate_model(ema, dataset=cfg.dataset, resolution=cfg.resolution, num_classes=num_classes,
+                       n=cfg.eval_samples, sampler=scfg, sample_seed=cfg.eval_seed, data_dir=cfg.data_dir,
+                       n_real=cfg.eval_real, device=device)
+    return {"eval_fid": round(m["fid"], 4), "eval_kid": round(m["kid_mean"], 6), "eval_kid_std": round(m["kid_std"], 6),
+            "eval_precision": round(m["precision"], 4), "eval_recall": round(m["recall"], 4),
+            "eval_n": cfg.eval_samples, "eval_n_real": m["n_real"], "eval_steps": cfg.eval_steps,
+            "eval_seed": cfg.eval_seed}
 
 
 def save_samples(out_dir: Path, cfg: TrainConfig, ema: JiT, num_classes: int, device: torch.device):
@@ -729,42 +481,35 @@ def save_samples(out_dir: Path, cfg: TrainConfig, ema: JiT, num_classes: int, de
 
 # ----------------------------------------------------------------------------- command line
 
-def config_parser(cls) -> argparse.ArgumentParser:
-    """--field value for every field of a config dataclass, typed from its default."""
-    p = argparse.ArgumentParser(prog=f"python -m {__name__}", description=cls.__doc__)
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if isinstance(default, bool):
-            p.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=default,
-                           metavar="BOOL")
-        elif isinstance(default, tuple):
-            p.add_argument(f"--{f.name}", type=type(default[0]), nargs="+", default=default)
-        else:
-            p.add_argument(f"--{f.name}", type=type(default), default=default)
-    return p
-
-
 USER_ERRORS = (ValueError, FloatingPointError, FileNotFoundError, CheckpointError, datalib.DatasetError)
+
+
+@contextlib.contextmanager
+def process_group(device: str, timeout_s: int):
+    """Under torchrun (WORLD_SIZE > 1), the process group for the duration: nccl on CUDA (each rank on
+    its LOCAL_RANK device), gloo on the CPU; torn down however the block ends. A lost process makes
+    the others' collectives fail after ``timeout_s`` instead of hanging. Nothing in one process."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        backend = "nccl" if resolve_device(device).type == "cuda" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def main(argv=None):
     """Command line entry. Errors about the input (configuration, data, checkpoints, non-finite numbers)
     end the process with status 1 and a one-line message; set PIXELREPA_TRACEBACK=1 for the traceback."""
     try:
-        cfg = TrainConfig(**vars(config_parser(TrainConfig).parse_args(argv)))
-        if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-            backend = "nccl" if resolve_device(cfg.device).type == "cuda" else "gloo"
-            # a lost process makes the others' collectives fail after dist_timeout instead of hanging
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.dist_timeout))
-            if backend == "nccl":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        try:
+        cfg = TrainConfig(**vars(config_parser(TrainConfig, prog=f"python -m {__name__}").parse_args(argv)))
+        with process_group(cfg.device, cfg.dist_timeout):
             out = train(cfg)
             if dist_info()[0] == 0:
                 print(f"done: {out}")
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
     except USER_ERRORS as err:
         if os.environ.get("PIXELREPA_TRACEBACK"):
             raise

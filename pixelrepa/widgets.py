@@ -31,10 +31,12 @@ import torch.nn.functional as F
 from plotly.subplots import make_subplots
 
 from . import data as datalib
+from . import encoders
 from .align import AlignConfig, build_head, probe_alignment, token_mask
+from .config import shared
 from .flow import add_noise
 from .jit import JiT, JiTConfig
-from .train import checkpoints, jit_from_state, latest_checkpoint, read_checkpoint
+from .storage import checkpoints, jit_from_state, read_run
 
 PROBE_TS = (0.1, 0.3, 0.5, 0.7, 0.9)  # the alignment explorer's t grid (its t slider and the CKA probe)
 HEAD_NAMES = {"repa": "REPA projector", "adapter": "unmasked adapter", "pixelrepa": "masked adapter (MTA)"}
@@ -72,17 +74,6 @@ class LoadedRun:
         return self.jit_cfg.grid
 
 
-def _checkpoint_file(path: str | Path) -> tuple[Path, dict]:
-    """(file, state) for a checkpoint file, or a run directory's newest usable (checksum-verified) one."""
-    path = Path(path)
-    if path.is_file():
-        return path, read_checkpoint(path)
-    found = latest_checkpoint(path)
-    if found is None:
-        raise FileNotFoundError(f"no readable checkpoint (ckpt-*.pt) in {path}")
-    return found
-
-
 def checkpoint_step(path: str | Path) -> int:
     m = re.search(r"ckpt-(\d+)\.pt$", str(path))
     return int(m.group(1)) if m else -1
@@ -98,7 +89,6 @@ class ModelCache:
         self._probes: dict = {}
 
     def encoder(self, name: str, grid: int, weights: str = ""):
-        from . import encoders
         key = (name, grid, weights)
         if key not in self._encoders:
             self._encoders[key] = encoders.build_encoder(name, grid, weights=weights or None)
@@ -116,12 +106,10 @@ class ModelCache:
         else:
             key = (str(path), weights)
         if key not in self._runs:
-            f, state = _checkpoint_file(path)
+            f, state = read_run(path)
             net, cfg = jit_from_state(state, weights, f)
             jcfg = net.cfg
-            align = AlignConfig(cfg.get("method", "jit"), cfg.get("encoder", "effnet-lite0"),
-                                cfg.get("align_depth", -1), cfg.get("align_coef", -1.0),
-                                cfg.get("mask_ratio", -1.0), cfg.get("proj_hidden", 2048))
+            align = AlignConfig(**shared(cfg, AlignConfig))  # what the run saved; defaults for what it lacks
             enc = self.encoder(align.encoder, jcfg.grid, cfg.get("encoder_weights", ""))
             head = build_head(align, jcfg, enc.dim)
             if head is not None:

@@ -1,16 +1,34 @@
 import io
 import os
+import shutil
 import struct
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+# Tests write only under temporary folders. The study's runs and results (what the notebooks nbval
+# executes and the explorer tests train and save) go under $PIXELREPA_OUTPUT_ROOT (study.output_path),
+# which the Makefile's test targets set to a fresh temporary folder; without it, one is made here for
+# this session (subprocesses and notebook kernels inherit it) and removed at its end.
+OWN_OUTPUT_ROOT = None if os.environ.get("PIXELREPA_OUTPUT_ROOT") else tempfile.mkdtemp(prefix="pixelrepa-tests-")
+if OWN_OUTPUT_ROOT:
+    os.environ["PIXELREPA_OUTPUT_ROOT"] = OWN_OUTPUT_ROOT
+# hypothesis's example database and caches too (its default is .hypothesis/ in the working directory)
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(Path(os.environ["PIXELREPA_OUTPUT_ROOT"]) / "hypothesis"))
+
+
+def pytest_unconfigure(config):
+    if OWN_OUTPUT_ROOT:
+        shutil.rmtree(OWN_OUTPUT_ROOT, ignore_errors=True)
 
 
 def make_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: int = 20, seed: int = 0) -> Path:
@@ -40,6 +58,15 @@ def huge_png(path, width=50_000, height=50_000):
 @pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(tmp_path / "folder")
+
+
+def randomised(net, std=0.05, seed=0):
+    """Zero-initialised layers would hide bugs: give every parameter a random value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return net
 
 
 def run_env() -> dict:

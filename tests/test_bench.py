@@ -1,11 +1,19 @@
-"""The benchmark on a tiny setting: one JSON object per figure with what a reader needs to trust
-it, and the checks it reports (samples of both paths agree, no head runs while sampling)."""
+"""The benchmark (benchmarks/) on a tiny setting: one JSON object per figure with what a reader needs
+to trust it, the checks it reports (samples of both paths agree, no head runs while sampling), and its
+reference-style contenders: the same maths as ours, with the reference's work."""
+import copy
 import json
 
 import pytest
 import torch
 
-from pixelrepa import bench
+from benchmarks import bench
+from benchmarks.reference import (ReferenceAttention, ReferenceBlock, reference_guided_velocity, reference_sample,
+                                  reference_style)
+from conftest import randomised
+from pixelrepa.align import AlignConfig, build_head
+from pixelrepa.flow import SamplerConfig, guidance_weight, sample, velocity
+from pixelrepa.jit import build_jit
 
 TINY = ["--model", "JiT-Ti/4", "--resolution", "32", "--batch", "2", "--steps", "1", "--rounds", "1",
         "--sample_batch", "2", "--sample_steps", "2", "--sample_rounds", "1", "--no_compile", "--device", "cpu",
@@ -81,7 +89,7 @@ def test_sample_figure_and_its_checks(records):
 
 def test_peak_memory_of_a_contender_in_a_fresh_process():
     spec = dict(kind="train", name="x", model="JiT-Ti/4", resolution=32, num_classes=22, batch=8, method="jit",
-                attn_impl="sdpa", compile=False)
+                compile=False)
     mem = bench.memory_in_subprocess(spec)
     assert "error" not in mem, mem
     # 4.2M parameters: weights, gradients, two AdamW moments and two EMAs are ~100 MiB in fp32
@@ -101,10 +109,8 @@ def test_sampling_paths_agree_on_a_trained_looking_network():
     inference_mode) and the reference-style path (hand-written fp32 attention, two forwards at every
     step) give the same samples in fp32 from the same weights, noise and labels."""
     base = dict(kind="sample", model="JiT-Ti/4", resolution=32, num_classes=5, batch=3, steps=6, cfg_scale=3.0)
-    ours = bench.make_contender(dict(base, name="ours", attn_impl="sdpa", batched_cfg=True, inference_mode=True,
-                                     compile=False), torch.device("cpu"))
-    ref = bench.make_contender(dict(base, name="ref", attn_impl="reference", batched_cfg=False,
-                                    inference_mode=False, compile=False), torch.device("cpu"))
+    ours = bench.make_contender(dict(base, name="ours", compile=False), torch.device("cpu"))
+    ref = bench.make_contender(dict(base, name="ref", reference=True, compile=False), torch.device("cpu"))
     ours.step()
     ref.step()
     a, b = ours.out["x"], ref.out["x"]
@@ -130,3 +136,100 @@ def test_targets_say_by_how_much_they_are_missed():
     assert bench.target("x", 1.5, 1.3)["met"] and bench.target("x", 1.5, 1.3)["short_by"] is None
     assert bench.target("overhead", 0.2, 0.15, higher_is_better=False)["met"] is False
     assert bench.target("x", None, 1.3)["met"] is None
+
+
+def test_reference_style_network_does_the_references_work_with_our_maths():
+    """The reference-style JiT (hand-written attention, every token through every block) and ours
+    (fused attention, the last block computing the image tokens only) give the same outputs and
+    hidden states from the same weights; the reference-style one is the reference's code path and
+    does the in-context tokens' work in the last block, which ours skips."""
+    net = randomised(build_jit("JiT-Ti/4", 32, 22)).eval()
+    ref = reference_style(copy.deepcopy(net))
+    assert all(type(b) is ReferenceBlock and type(b.attn) is ReferenceAttention for b in ref.blocks)
+    assert ref.state_dict().keys() == net.state_dict().keys()
+    g = torch.Generator().manual_seed(1)
+    z, t, y = torch.randn(3, 3, 32, 32, generator=g), torch.rand(3, generator=g), torch.tensor([0, 5, 22])
+    (a, ha), (b, hb) = net(z, t, y, hidden_at=(2, 5, 6)), ref(z, t, y, hidden_at=(2, 5, 6))
+    assert torch.allclose(a, b, atol=1e-5) and a.abs().max() > 0.1
+    assert all(h.shape == (3, 64, 192) and torch.allclose(h, r, atol=1e-4) for h, r in zip(ha, hb))
+    ours, theirs = linear_and_attention_flops(net, z, t, y), linear_and_attention_flops(ref, z, t, y)
+    w, hidden, L, T = net.cfg.width, 512, net.cfg.in_context_len, net.cfg.num_patches
+    # the linears: the last block's projection and MLP for the 32 in-context tokens too (qkv is
+    # computed for every token by both: they are keys and values)
+    assert theirs["linear"] - ours["linear"] == 3 * L * 2 * (w * w + 3 * w * hidden)
+    # the hand-written attention: every query of every block, QK^T and AV (2 N^2 w multiply-adds),
+    # 64 tokens in the 2 blocks before the class tokens are inserted, 96 after
+    assert theirs["attention"] == 3 * 2 * 2 * w * (2 * T ** 2 + 4 * (T + L) ** 2)
+
+
+def linear_and_attention_flops(net, z, t, y) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        net(z, t, y)
+    ops = {str(k).split(".")[-1]: v for k, v in fc.get_flop_counts()["Global"].items()}
+    return {"linear": ops.get("mm", 0) + ops.get("addmm", 0), "attention": ops.get("bmm", 0)}
+
+
+def test_reference_style_adapter_equals_ours():
+    jit = build_jit("JiT-Ti/4", 32, 22).cfg
+    head = randomised(build_head(AlignConfig("pixelrepa"), jit, 40)).eval()
+    ref = reference_style(copy.deepcopy(head))
+    g = torch.Generator().manual_seed(2)
+    h, t, y = torch.randn(2, 64, 192, generator=g), torch.rand(2, generator=g), torch.tensor([1, 3])
+    mask = torch.rand(2, 64, generator=g) < 0.2
+    a, b = head(h, t, y, mask), ref(h, t, y, mask)
+    assert a.shape == b.shape == (2, 64, 40) and torch.allclose(a, b, atol=1e-5) and a.abs().max() > 0.1
+
+
+def test_reference_guidance_runs_both_passes_at_every_evaluation_with_our_velocity():
+    null = 5
+    cond, uncond = torch.ones(2, 3, 2, 2), torch.zeros(2, 3, 2, 2)
+    y, z = torch.tensor([1, 2]), torch.zeros(2, 3, 2, 2)
+    calls = []
+
+    def net(z, t, y):
+        calls.append(y.tolist())
+        return torch.where((y == null).view(-1, 1, 1, 1), uncond, cond)
+    cfg = SamplerConfig(cfg_scale=3.0, cfg_interval=(0.1, 0.6))
+    for t, w in ((0.5, 3.0), (0.05, 1.0), (0.6, 1.0), (0.9, 1.0)):  # inside the interval, then outside it
+        calls.clear()
+        v = reference_guided_velocity(net, z, t, y, null, cfg)
+        assert calls == [[1, 2], [null, null]]  # two separate forwards whatever t
+        assert guidance_weight(t, cfg) == w
+        assert torch.allclose(v, w * velocity(cond, z, torch.full((2,), t), 0.05))
+
+
+@pytest.mark.parametrize("steps", [7, 50])
+def test_reference_sampler_runs_both_passes_every_step_and_agrees_with_ours(steps):
+    """The reference-style sampler: 2 forwards of B per evaluation whatever t; ours: one, of 2B inside
+    the interval and B outside; the samples agree (v_u + 1 (v_c - v_u) = v_c up to rounding)."""
+    null, g = 4, torch.Generator().manual_seed(0)
+    w = torch.randn(3, 3, generator=g) * 0.3
+
+    def net(z, t, y):  # a nonlinear, class- and time-dependent x-prediction
+        sizes.append(z.shape[0])
+        return torch.tanh(torch.einsum("ij,bjhw->bihw", w, z)) * (1 + y.float().view(-1, 1, 1, 1) / 4) \
+            + t.view(-1, 1, 1, 1)
+    y = torch.tensor([0, 1, 2])
+    z0 = torch.randn(3, 3, 4, 4, generator=g)
+    cfg = SamplerConfig(steps=steps, cfg_scale=2.5)
+    sizes = []
+    ours = sample(net, y, (3, 4, 4), null, cfg, z=z0.clone())
+    ours_sizes, sizes = sizes, []
+    with torch.no_grad():
+        ref = reference_sample(net, y, z0.clone(), null, cfg)
+    evals = 2 * steps - 1
+    assert len(sizes) == 2 * evals and set(sizes) == {3}
+    assert len(ours_sizes) == evals and 0 < ours_sizes.count(6) < evals
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-5) and (ours - z0).abs().max() > 0.1
+    assert bench.forward_calls(cfg, 3, reference=True) == (2 * evals, 2 * evals)
+    assert bench.forward_calls(cfg, 3) == (evals, len(ours_sizes) + ours_sizes.count(6))
+
+
+def test_inception_figure_times_every_image_after_the_warm_up():
+    r = bench.bench_inception(n=5, batch_size=2)
+    s = r["settings"]
+    assert r["figure"] == "inception" and r["device_type"] == "cpu"
+    # 2 + 2 + 1 images in the timed loop (the warm-up batch is not timed), 2048-d pool features
+    assert (s["timed_images"], s["timed_calls"], s["feature_dim"]) == (5, 3, 2048)
+    assert r["images_per_s"] == pytest.approx(5 / s["seconds"], abs=0.01)

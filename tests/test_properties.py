@@ -15,7 +15,8 @@ from torch import nn
 from conftest import make_image_folder
 from pixelrepa import encoders
 from pixelrepa.align import METHODS
-from pixelrepa.train import TrainConfig, checkpoints, read_checkpoint, train
+from pixelrepa.storage import checkpoints, read_checkpoint
+from pixelrepa.train import TrainConfig, train
 
 SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -46,7 +47,7 @@ def folder(tmp_path_factory):
 
 
 unit = st.floats(0.0, 0.5)
-default_or = lambda s: st.one_of(st.just(-1), s)  # noqa: E731 (-1: the method's or registry's default)
+default_or = lambda s: st.one_of(st.just(None), s)  # noqa: E731 (None: the method's or registry's default)
 
 
 @st.composite
@@ -61,7 +62,7 @@ def valid_configs(draw, method):
         t_eps=draw(st.floats(0, 0.2)), label_drop=draw(unit), attn_drop=draw(default_or(unit)),
         proj_drop=draw(default_or(unit)), seed=draw(st.integers(0, 2 ** 31 - 1)),
         align_depth=draw(default_or(st.integers(1, depth))), align_coef=draw(default_or(st.floats(0, 1))),
-        mask_ratio=draw(st.sampled_from([-1, 0.0]) if method == "adapter" else default_or(st.floats(0, 0.9))),
+        mask_ratio=draw(st.sampled_from([None, 0.0]) if method == "adapter" else default_or(st.floats(0, 0.9))),
         proj_hidden=draw(st.integers(1, 32)), cfg_scale=draw(st.floats(0, 4)),
         num_samples=draw(st.integers(0, 3)), sample_steps=draw(st.integers(1, 2)))
 
@@ -112,14 +113,15 @@ INVALID = {
     "noise_scale": st.one_of(st.floats(max_value=0), nan_inf),
     "t_eps": st.one_of(st.floats(min_value=1), st.floats(max_value=-1e-9), nan_inf),
     "label_drop": st.one_of(st.floats(min_value=1), st.floats(max_value=-1e-9), nan_inf),
-    "attn_drop": st.one_of(st.floats(min_value=1), st.floats(-0.99, -1e-9), st.floats(max_value=-1.01)),
-    "proj_drop": st.one_of(st.floats(min_value=1), st.floats(-0.99, -1e-9)),
+    # None is the registry's value; the -1 that once meant it is refused like any negative
+    "attn_drop": st.one_of(st.floats(min_value=1), st.floats(max_value=-1e-9), st.just(-1), nan_inf, st.text(max_size=3)),
+    "proj_drop": st.one_of(st.floats(min_value=1), st.floats(max_value=-1e-9), st.just(-1)),
     "device": st.text(max_size=5).filter(lambda s: s not in ("auto", "cpu", "cuda")),
     "method": st.text(max_size=8).filter(lambda s: s not in METHODS),
     "encoder": st.text(max_size=8).filter(lambda s: s not in encoders.ENCODERS),
-    "align_depth": st.one_of(st.integers(max_value=-2), st.just(0), st.integers(min_value=7)),
-    "align_coef": st.one_of(st.floats(max_value=-1e-9).filter(lambda v: v != -1), nan_inf),
-    "mask_ratio": st.one_of(st.floats(min_value=1), st.floats(max_value=-1e-9).filter(lambda v: v != -1)),
+    "align_depth": st.one_of(st.integers(max_value=0), st.integers(min_value=7), st.floats(1.5, 2.5)),
+    "align_coef": st.one_of(st.floats(max_value=-1e-9), nan_inf),
+    "mask_ratio": st.one_of(st.floats(min_value=1), st.floats(max_value=-1e-9)),
     "proj_hidden": count(1),
     "cfg_scale": nan_inf,
     "compile": st.sampled_from(["yes", 1, None]), "progress": st.sampled_from(["no", 0]),

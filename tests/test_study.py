@@ -1,4 +1,5 @@
 """The study layer: profiles, notebooks' parameters cells, the runner's resume and failure report."""
+import dataclasses
 import json
 import subprocess
 
@@ -7,7 +8,7 @@ import papermill as pm
 import pytest
 
 from conftest import PYTHON, run_env
-from pixelrepa import study
+from pixelrepa import stats, study
 
 NOTEBOOKS = study.notebooks()
 
@@ -85,6 +86,21 @@ def test_paper_profile_builds_the_papers_configs():
     assert (repa.depth(jc), repa.loss_coef, repa.proj_hidden) == (4, 0.5, 2048)
 
 
+def test_run_configs_take_the_shared_fields_and_errors_name_the_profiles_field():
+    P = study.StudyParams(eval_every=5, eval_samples=7, cfg_scale=1.5, encoder_weights="w.pt")
+    cfg = study.run_config(P, "repa", P.high_res, 0)
+    shared = {f.name for f in dataclasses.fields(study.StudyParams)} & {f.name for f in dataclasses.fields(cfg)}
+    assert {"steps", "blr", "ema_decays", "eval_samples", "cfg_scale", "encoder_weights"} <= shared
+    assert all(getattr(cfg, k) == getattr(P, k) for k in shared - {"data_dir"})
+    assert (cfg.model, cfg.resolution, cfg.method, cfg.ckpt_every) == (P.model_high, P.high_res, "repa", 5)
+    # a value only TrainConfig refuses is reported as the field of the profile it came from
+    for fields, match in [(dict(eval_samples=1), r"^StudyParams.eval_samples=1: must be >= 2"),
+                          (dict(noise_scale_high=0.0), r"^StudyParams.noise_scale_high=0.0: must be > 0"),
+                          (dict(seeds=[2 ** 31]), r"^StudyParams.seeds=\(2147483648,\): must be in \[0, 2\*\*31\)")]:
+        with pytest.raises(ValueError, match=match):
+            study.StudyParams(**fields)
+
+
 def test_a_finished_run_is_reused_and_one_with_other_settings_refused(tmp_path):
     P = study.StudyParams(runs_dir=str(tmp_path), methods=["jit"], progress=False)
     out = study.run_dir(P, "jit", P.low_res, 0)
@@ -127,25 +143,63 @@ def test_a_run_another_process_holds_is_skipped_or_waited_for(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_finished_run_extended_to_more_steps_equals_the_longer_run(tmp_path):
+@pytest.mark.parametrize("method", ["jit", "pixelrepa"])
+def test_a_finished_run_extended_to_more_steps_equals_the_longer_run(tmp_path, method):
     """Asking a finished run for more steps resumes it from its last checkpoint, and what comes out is
-    the run that was asked for from the start: the same weights, EMAs and logged losses and FIDs."""
+    the run that was asked for from the start: the same weights, alignment head, EMAs, optimizer state
+    and logged losses, cosines and FIDs. (The cpu-long profile extended the cpu runs this way; PixelREPA
+    adds the head, its optimizer state, the token masks and the cached encoder targets.)"""
     import dataclasses
     import torch
-    base = dataclasses.replace(study.load_profile("smoke"), methods=["jit"], eval_every=10, eval_samples=4, steps=10)
+    base = dataclasses.replace(study.load_profile("smoke"), methods=[method], eval_every=10, eval_samples=4, steps=10)
+    res = base.high_res
     short = dataclasses.replace(base, runs_dir=str(tmp_path / "a"))
-    study.ensure_run(short, "jit", base.low_res, 0)
-    extended = study.ensure_run(dataclasses.replace(short, steps=20), "jit", base.low_res, 0)
-    direct = study.ensure_run(dataclasses.replace(base, steps=20, runs_dir=str(tmp_path / "b")), "jit", base.low_res, 0)
+    study.ensure_run(short, method, res, 0)
+    extended = study.ensure_run(dataclasses.replace(short, steps=20), method, res, 0)
+    direct = study.ensure_run(dataclasses.replace(base, steps=20, runs_dir=str(tmp_path / "b")), method, res, 0)
     assert json.loads((extended / "done.json").read_text())["steps"] == 20
     a, b = (torch.load(d / "ckpt-00000020.pt", weights_only=False) for d in (extended, direct))
-    for key in ("model", "emas"):
-        sa, sb = (s if key == "model" else {f"{i}.{k}": v for i, e in enumerate(s) for k, v in e.items()}
-                  for s in (a[key], b[key]))
-        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), key
-    la, lb = ([{k: v for k, v in r.items() if k != "images_per_s"} for r in study.read_metrics(d)]
+    assert bool(a["head"]) == (method != "jit") and a["opt"]["state"]
+    for key in ("model", "head", "emas", "opt"):
+        fa, fb = flat(a[key]), flat(b[key])
+        assert fa.keys() == fb.keys(), key
+        for k in fa:
+            same = torch.equal(fa[k], fb[k]) if isinstance(fa[k], torch.Tensor) else fa[k] == fb[k]
+            assert same, f"{key}.{k}"
+    la, lb = ([{k: v for k, v in r.items() if k != "images_per_s"} for r in stats.read_jsonl(d / "metrics.jsonl")]
               for d in (extended, direct))
     assert [r["step"] for r in la] == [10, 10, 20, 20] and "eval_fid" in la[-1] and la == lb
+    if method == "pixelrepa":
+        assert "align_cos" in la[-2] and "align_cos_masked" in la[-2]
+
+
+def flat(tree, prefix="") -> dict:
+    """A checkpoint entry (state dicts, lists of them, the optimizer's nested state) as path: leaf."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+    if isinstance(tree, (list, tuple)):
+        return {k: v for i, sub in enumerate(tree) for k, v in flat(sub, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def test_runs_and_results_lie_under_the_output_root_and_this_session_writes_outside_the_checkout(
+        tmp_path, monkeypatch):
+    import dataclasses
+    import os
+    from pathlib import Path
+    session = Path(os.environ["PIXELREPA_OUTPUT_ROOT"]).resolve()  # set by the Makefile or conftest
+    assert not session.is_relative_to(study.ROOT.resolve())
+    P = study.load_profile("smoke")
+    assert all(p.resolve().is_relative_to(session) for p in (P.results, study.run_dir(P, "jit", 32, 0)))
+    monkeypatch.setenv("PIXELREPA_OUTPUT_ROOT", str(tmp_path))
+    assert P.results == tmp_path / "papermill_runs" / "smoke"
+    assert study.run_dir(P, "repa", 64, 2) == tmp_path / "runs" / "smoke" / "repa-64px-s2"
+    assert study.run_config(P, "jit", 32, 0).out_dir == str(tmp_path / "runs" / "smoke" / "jit-32px-s0")
+    given = dataclasses.replace(P, runs_dir=str(tmp_path / "r"), results_dir="out")  # absolute stays, relative moves
+    assert study.run_dir(given, "jit", 32, 0).parent == tmp_path / "r" / "smoke" and given.results == tmp_path / "out"
+    monkeypatch.delenv("PIXELREPA_OUTPUT_ROOT")  # the study's own runs: into the repository
+    assert P.results == study.ROOT / "papermill_runs" / "smoke"
+    assert study.run_dir(P, "jit", 32, 0).parent == study.ROOT / "runs" / "smoke"
 
 
 def _tiny_notebook(path, body):
@@ -178,22 +232,14 @@ def test_runner_names_the_failing_notebook_and_cell_then_resumes(tmp_path, monke
     assert (tmp_path / "count").read_text() == "xx"
 
 
-def test_compare_and_verdicts_follow_the_intervals():
-    rows = [{"method": m, "resolution": 32, "seed": s, "eval_fid": v}
-            for m, vals in (("repa", (10.0, 11.0, 12.0)), ("jit", (20.0, 20.5, 21.0))) for s, v in enumerate(vals)]
-    c = study.compare(rows, "repa", "jit", 32)
-    assert c["better"] == "repa" and c["diff"] == -9.5 and c["diff_hi"] < 0 and c["n_seeds"] == 3
-    assert c["seeds_needed"] == 2  # diffs -10, -9.5, -9: t(0.975, 1) * 0.5 / sqrt 2 = 4.5 < 9.5
-    rows[0]["eval_fid"] = 40.0  # one seed disagrees: the interval spans 0
-    assert study.compare(rows, "repa", "jit", 32)["better"].startswith("neither")
-    assert study.compare(rows[:1] + rows[3:4], "repa", "jit", 32)["better"] == "inconclusive (1 seed)"
-    # diffs 20, -9.5, -9 (mean 0.5, sd 16.9): about (1.96 * 16.9 / 0.5) ** 2 = 4400 seeds, beyond 1000
-    assert study.compare(rows, "repa", "jit", 32)["seeds_needed"] is None
-    assert study.seeds_needed([20.0, -9.5, -9.0], most=5000) in range(4300, 4500)
-    assert study.seeds_needed([3.0, 5.0, 4.0, 6.0]) == 3 and study.seeds_needed([1.0]) is None
-    verdict, _ = study._judge([(c, "jit")])
-    assert verdict == "not reproduced"
-    assert study._judge([(c, "repa")])[0] == "reproduced"
+def test_dose_arms_scale_the_papers_coefficient_and_train_with_their_own_seeds():
+    P = study.StudyParams(methods=("jit", "repa", "pixelrepa", "repa_x4"), seeds=(0, 1), dose_seeds=(1,))
+    c = study.run_config(P, "repa_x4", P.high_res, 1)
+    assert (c.method, c.align_coef) == ("repa", 2.0) and c.out_dir.endswith("repa_x4-64px-s1")
+    assert study.run_config(P, "repa", P.high_res, 1).align_coef is None  # the paper's 0.5
+    assert [r for r in study.plan(P) if r[0] == "repa_x4"] == [("repa_x4", P.high_res, 1)]
+    with pytest.raises(ValueError, match="methods"):
+        study.StudyParams(methods=("jit", "jit_x2"))
 
 
 def test_curves_name_each_method_once_in_the_legend_even_when_a_panel_lacks_it():

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import time
 import zipfile
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -13,8 +14,10 @@ from PIL import Image
 
 from conftest import PYTHON, ROOT, huge_png, make_image_folder, run_env
 from pixelrepa import train as trainmod
-from pixelrepa.train import (CheckpointError, StepBatches, TrainConfig, atomic_save, checkpoints, checksum_path,
-                             load_latest, lr_at, read_checkpoint, sha256_file, train)
+from pixelrepa.storage import (CheckpointError, atomic_save, checkpoints, checksum_path, load_jit, load_latest,
+                               read_checkpoint, sha256_file)
+from pixelrepa.config import config_parser
+from pixelrepa.train import StepBatches, TrainConfig, lr_at, train
 
 
 def tiny_args(folder, out, steps=12, **extra):
@@ -53,11 +56,25 @@ def test_config_rejects_bad_values_naming_the_field():
             TrainConfig(**{field: value})
 
 
+def test_command_line_takes_every_field_and_none_for_the_default_value():
+    p = config_parser(TrainConfig, "pixelrepa.train")
+    assert TrainConfig(**vars(p.parse_args([]))) == TrainConfig()
+    cfg = TrainConfig(**vars(p.parse_args(["--align_coef", "0.3", "--attn_drop", "none", "--align_depth", "None",
+                                           "--ema_decays", "0.9", "0.99", "--compile", "true"])))
+    assert (cfg.align_coef, cfg.attn_drop, cfg.align_depth, cfg.ema_decays, cfg.compile) == (0.3, None, None, (0.9, 0.99), True)
+    # every field, as the study writes a run's torchrun command line, comes back as it was
+    cfg = TrainConfig(method="pixelrepa", align_depth=1, mask_ratio=0.3, proj_drop=0.1)
+    args = [a for k, v in asdict(cfg).items() for a in ([f"--{k}", *map(str, v)] if isinstance(v, tuple) else [f"--{k}", str(v)])]
+    assert TrainConfig(**vars(p.parse_args(args))) == cfg
+    with pytest.raises(SystemExit):
+        p.parse_args(["--align_depth", "two"])
+
+
 def test_lr_scales_with_batch_and_warms_up_linearly():
     cfg = TrainConfig(blr=5e-5, batch_size=512, warmup_epochs=2)
     base = 5e-5 * 512 / 256
-    assert lr_at(0, cfg, steps_per_epoch=10) == pytest.approx(base / 20)
-    assert lr_at(9, cfg, steps_per_epoch=10) == pytest.approx(base / 2)
+    assert lr_at(0, cfg, steps_per_epoch=10) == 0.0  # the reference: lr * it / warmup_its, it = 0 first
+    assert lr_at(10, cfg, steps_per_epoch=10) == pytest.approx(base / 2)
     assert lr_at(500, cfg, steps_per_epoch=10) == pytest.approx(base)
 
 
@@ -98,7 +115,8 @@ import torch
 import pixelrepa.train as T
 stall, _save = os.environ.get("STALL_CKPT"), torch.save
 def save(obj, f, *args, **kwargs):
-    if stall and Path(getattr(f, "name", "")).name == "." + stall + ".tmp":
+    name = Path(getattr(f, "name", "")).name  # the temporary file beside the checkpoint: .NAME.<unique>.tmp
+    if stall and name.startswith("." + stall + ".") and name.endswith(".tmp"):
         buf = io.BytesIO()
         _save(obj, buf, *args, **kwargs)
         f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
@@ -153,11 +171,11 @@ def test_resume_after_sigkill_at_random_points_is_exact(tmp_path):
         print(f"segment {k}: SIGKILL ({kind}) after step {seen}; checkpoints {[p.name for p in checkpoints(out)]}")
         assert seen < steps
         if kind == "write":
-            assert (out / f".{stalled}.tmp").exists() and not (out / stalled).exists()  # half a file, never renamed
+            assert list(out.glob(f".{stalled}.*.tmp")) and not (out / stalled).exists()  # half a file, never renamed
     r = subprocess.run([PYTHON, "-m", "pixelrepa.train", *args], cwd=ROOT, env=run_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     after_write_kill = logs[2].read_text()
-    assert f"removing {out / ('.' + stalled + '.tmp')}" in after_write_kill and "resuming from" in after_write_kill
+    assert f"removing {out / ('.' + stalled)}." in after_write_kill and "resuming from" in after_write_kill
     assert not list(out.glob(".*.tmp")) and "resuming from" in r.stderr
     a, b = load_final(ref, steps), load_final(out, steps)
     assert_same_state(a, b, atol=0.0)
@@ -190,7 +208,6 @@ def test_resume_refuses_a_run_of_another_configuration(tmp_path, image_folder, m
 
 
 def test_checkpoint_of_another_size_or_a_foreign_file_is_a_clear_error(tmp_path, image_folder):
-    from pixelrepa.train import load_jit
     out = tmp_path / "run"
     train(TrainConfig(**tiny_args(image_folder, out, steps=3, ema_decays=(0.9,))))
     state = torch.load(out / "ckpt-00000003.pt", weights_only=False)
@@ -211,6 +228,22 @@ def test_checkpoint_of_another_size_or_a_foreign_file_is_a_clear_error(tmp_path,
         Image.new("RGB", (20, 20), (9, 9, 9)).save(image_folder / "class_3" / f"{i}.png")
     with pytest.raises(CheckpointError, match=r"model weights in .*ckpt-00000003.pt do not fit.*y_embedder"):
         train(TrainConfig(**tiny_args(image_folder, out, steps=6, ema_decays=(0.9,))))
+
+
+def test_a_checkpoint_from_before_none_defaults_resumes_and_loads(tmp_path, image_folder):
+    """Checkpoints written when -1 meant "the registry's or paper's value" read back with None there:
+    such a run resumes (its configuration matches today's defaults) and its JiT loads."""
+    out = tmp_path / "run"
+    train(TrainConfig(**tiny_args(image_folder, out, steps=3)))
+    path = out / "ckpt-00000003.pt"
+    state = torch.load(path, weights_only=False)
+    state["config"].update(attn_drop=-1.0, proj_drop=-1.0, align_depth=-1, align_coef=-1.0, mask_ratio=-1.0)
+    atomic_save(state, path, checksum=True)
+    saved = read_checkpoint(path)["config"]
+    assert [saved[k] for k in ("attn_drop", "proj_drop", "align_depth", "align_coef", "mask_ratio")] == [None] * 5
+    assert load_jit(out)[0].cfg.attn_drop == 0.0
+    train(TrainConfig(**tiny_args(image_folder, out, steps=6)))
+    assert read_checkpoint(out / "ckpt-00000006.pt")["step"] == 6
 
 
 @pytest.mark.slow
@@ -234,7 +267,6 @@ def test_two_torchrun_processes_match_one_process(tmp_path):
 
 
 def test_load_jit_gives_the_ema_weights_without_a_head(tmp_path, image_folder):
-    from pixelrepa.train import load_jit
     out = tmp_path / "run"
     train(TrainConfig(**tiny_args(image_folder, out, steps=3)))
     net, cfg = load_jit(out, "ema1")

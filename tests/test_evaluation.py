@@ -1,0 +1,103 @@
+"""The study's evaluation: one class mix on both sides, scores through torch-fidelity from features,
+the memorisation check, the calibration's floor records."""
+
+import numpy as np
+import pytest
+import torch
+
+from pixelrepa import calibration, metrics, stats, study
+from pixelrepa.flow import SamplerConfig, matched_labels
+
+
+def test_matched_labels_follow_the_reference_class_frequencies():
+    counts = torch.tensor([216, 0, 3, 1, 164, 111, 40])  # openclipart-like: very unbalanced, one class absent
+    for n in (1, 7, 192, 1000, 2000):
+        y = matched_labels(n, counts)
+        got = torch.bincount(y, minlength=len(counts)).double()
+        want = n * counts.double() / counts.sum()
+        assert len(y) == n and (got - want).abs().max() < 1  # every class within one label of n * p
+        assert got[1] == 0
+    # interleaved: a prefix has nearly the same mix as the whole
+    y = matched_labels(1000, counts)
+    head = torch.bincount(y[:100], minlength=len(counts)).double()
+    assert (head - 100 * counts.double() / counts.sum()).abs().max() <= 2
+    with pytest.raises(ValueError):
+        matched_labels(10, torch.zeros(3))
+
+
+def test_score_matches_torch_fidelity_and_a_direct_frechet_distance():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 16, generator=g), torch.randn(400, 16, generator=g) * 1.3 + 0.5
+    s = metrics.score(a, b)
+    # FID by hand: |mu_a - mu_b|^2 + tr(Sa + Sb - 2 (Sa Sb)^1/2)
+    from scipy import linalg
+    A, B = a.double().numpy(), b.double().numpy()
+    Sa, Sb = np.cov(A, rowvar=False), np.cov(B, rowvar=False)
+    fid = ((A.mean(0) - B.mean(0)) ** 2).sum() + np.trace(Sa + Sb - 2 * linalg.sqrtm(Sa @ Sb).real)
+    assert s["fid"] == pytest.approx(fid, rel=1e-6)
+    assert s["kid_mean"] > 0 and s["kid_std"] > 0 and 0 <= s["precision"] <= 1 and 0 <= s["recall"] <= 1
+    same = metrics.score(a[:150], a[150:])
+    assert same["fid"] < s["fid"] and same["precision"] > 0.5 and same["recall"] > 0.5
+
+
+def test_memorisation_tells_copies_from_new_samples():
+    g = torch.Generator().manual_seed(1)
+    train, held = torch.randn(200, 8, generator=g), torch.randn(200, 8, generator=g)
+    fresh = torch.randn(100, 8, generator=g)
+    copies = train[:100] + 0.01 * torch.randn(100, 8, generator=g)
+    new = metrics.memorisation(fresh, train, held)
+    cop = metrics.memorisation(copies, train, held)
+    assert 0.3 < new["closer_to_train"] < 0.7 and 0.8 < new["nn_ratio"] < 1.25
+    assert cop["closer_to_train"] > 0.95 and cop["nn_ratio"] < 0.1
+    # a larger training set is not closer by chance alone: it is cut to the held-out size
+    big = metrics.memorisation(fresh, torch.cat([train, torch.randn(2000, 8, generator=g)]), held)
+    assert big["nn_n"] == 200 and 0.3 < big["closer_to_train"] < 0.7
+
+
+def test_evaluate_model_labels_samples_with_the_reference_mix(monkeypatch):
+    ref_labels = torch.tensor([0] * 30 + [2] * 9 + [3] * 1)
+    ref = torch.randn(40, 8)
+    monkeypatch.setattr(metrics, "split_features", lambda *a, **k: (ref, ref_labels))
+    seen = {}
+
+    def fake_generate(net, n, num_classes, shape, cfg, seed=0, device="cpu", progress=False, labels=None, **kw):
+        seen["labels"], seen["seed"] = labels, seed
+        return torch.zeros(n, *shape, dtype=torch.uint8), labels
+    monkeypatch.setattr("pixelrepa.flow.generate", fake_generate)
+    monkeypatch.setattr(metrics, "features", lambda imgs, **k: torch.randn(len(imgs), 8))
+    out = metrics.evaluate_model(torch.nn.Identity(), dataset="x", resolution=8, num_classes=4, n=20,
+                                 sampler=SamplerConfig(steps=1), sample_seed=77)
+    # 20 x (30, 0, 9, 1) / 40 = 15, 0, 4.5, 0.5: the one label left goes to the first of the tied remainders
+    assert torch.bincount(seen["labels"], minlength=4).tolist() == [15, 0, 5, 0]
+    assert seen["seed"] == 77 and out["n"] == 20 and out["n_real"] == 40 and "precision" in out
+
+
+def test_sampling_seed_is_independent_of_the_training_seed():
+    P = study.load_profile("decisive")
+    a, b = study.run_config(P, "jit", 64, 0), study.run_config(P, "jit", 64, 3)
+    assert a.eval_seed == b.eval_seed == P.eval_seed  # one stream for every run: paired across methods and seeds
+
+
+def test_floor_records_are_disjoint_class_matched_subsets(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    train_labels = torch.tensor([0] * 90 + [1] * 27 + [2] * 9)
+    train = torch.randn(len(train_labels), 8, generator=g) + train_labels[:, None].float()
+    ref_labels = torch.tensor([0] * 10 + [1] * 3 + [2] * 1)
+    ref = torch.randn(len(ref_labels), 8, generator=g) + ref_labels[:, None].float()
+    monkeypatch.setattr(metrics, "split_features",
+                        lambda ds, res, split, **k: (train, train_labels) if split == "train" else (ref, ref_labels))
+    used = []
+    real_score = metrics.score
+    monkeypatch.setattr(metrics, "score", lambda f, r, **k: used.append(f.clone()) or real_score(f, r))
+    P = study.StudyParams()
+    path = tmp_path / "records.jsonl"
+    calibration.floor(P, 32, path, n_values=(14, 28))
+    recs = stats.read_jsonl(path)
+    assert [(r["n"], r["subset"]) for r in recs] == [(14, i) for i in range(9)] + [(28, i) for i in range(4)]
+    first = [f for f, r in zip(used, recs) if r["n"] == 14]
+    rows = {tuple(x.tolist()) for f in first for x in f}
+    assert len(rows) == 9 * 14  # disjoint
+    calibration.floor(P, 32, path, n_values=(14, 28))  # resumable: nothing recomputed
+    assert len(stats.read_jsonl(path)) == len(recs)
+    table = stats.calibration_table(recs)
+    assert [(r["n"], r["floor_subsets"]) for r in table] == [(14, 9), (28, 4)]

@@ -1,0 +1,27 @@
+"""nbval compares every output it can: a cell is left `nbval-ignore-output` only with its reason on its
+first line, and their number cannot grow unnoticed (raise IGNORED_AT_MOST here, with the reason, if a
+new cell truly cannot be stable)."""
+from pathlib import Path
+
+import nbformat
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+IGNORED_AT_MOST = 17  # plotly figures (their JSON is not stable text), the calibration records (they grow)
+
+
+def _ignored():
+    for nb in NOTEBOOKS:
+        for cell in nbformat.read(nb, as_version=4).cells:
+            if "nbval-ignore-output" in cell.metadata.get("tags", []):
+                yield nb.name, cell.source
+
+
+def test_every_ignored_cell_says_why_and_their_number_does_not_grow():
+    cells = list(_ignored())
+    assert NOTEBOOKS and len(cells) <= IGNORED_AT_MOST, f"{len(cells)} nbval-ignored cells (at most {IGNORED_AT_MOST})"
+    for name, src in cells:
+        first = src.splitlines()[0]
+        assert first.startswith("# nbval-ignore-output: ") and len(first) > 40, f"{name}: no reason given: {first!r}"
+    # the numbers a reader checks are compared: no cell that prints a verdict or a table is ignored
+    assert not [n for n, s in cells if "describe(" in s or "final_table" in s or "components" in s], \
+        "a cell printing verdicts or tables is nbval-ignored"
