@@ -502,9 +502,18 @@ def run_profile(P: StudyParams, only: list[str] | None = None, force: bool = Fal
                                f"executed notebook, papermill's injected-parameters cell included; execution "
                                f"count {err.exec_count}): {err.ename}: {err.evalue}; the executed notebook, error "
                                f"included, is {target}; rerun to resume from this notebook") from None
+        _drop_widget_state(target)
         state[nb.name] = key
         atomic_write_text(state_path, json.dumps(state, indent=1))
     return write_summary(P)
+
+
+def _drop_widget_state(path: Path) -> None:
+    """An executed notebook without its widgets' saved state (megabytes of plotly data per explorer):
+    the explorers rebuild it when the notebook is run."""
+    nb = json.loads(path.read_text())
+    if nb.get("metadata", {}).pop("widgets", None) is not None:
+        atomic_write_text(path, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
 
 def collect_runs(P: StudyParams) -> None:
