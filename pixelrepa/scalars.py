@@ -27,13 +27,13 @@ def writer_class():
     return SummaryWriter
 
 
-def open_writer(out_dir: str | Path, start_step: int = 0):
+def open_writer(out_dir: str | Path, start_step: int = 0, note: bool = True):
     """A writer for the run in ``out_dir`` resumed at ``start_step`` (events from that step on are
-    purged), or None (noted once) where tensorboard is not installed."""
+    purged), or None where tensorboard is not installed (noted once on stderr with ``note``)."""
     global _noted
     cls = writer_class()
     if cls is None:
-        if not _noted:
+        if note and not _noted:
             print("note: tensorboard is not installed; metrics go to metrics.jsonl only", file=sys.stderr, flush=True)
             _noted = True
         return None

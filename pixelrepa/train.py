@@ -323,7 +323,7 @@ def train(cfg: TrainConfig) -> Path:
     if rank == 0:
         truncate_log(log_path, start)  # steps after the checkpoint will be logged again
         atomic_write_text(out_dir / "config.json", json.dumps(asdict(cfg), indent=1))
-    tb = scalars.open_writer(out_dir, start) if rank == 0 else None  # TensorBoard too, where installed
+    tb = scalars.open_writer(out_dir, start, note=cfg.progress) if rank == 0 else None  # TensorBoard too, where installed
 
     net = trainable
     if world > 1:
