@@ -446,12 +446,9 @@ def split_features(dataset: str, resolution: int, split: str = "eval", *, data_d
     ds = load_dataset(dataset, resolution, split, data_dir=data_dir, progress=False)
     images = Images(ds)
     weights_path, _ = _weights(INCEPTION, None, data_dir)
-    key = {"dataset": str(dataset), "resolution": resolution, "split": split, "n": len(images),
-           "sha256": images.sha256(), "extractor": INCEPTION, "weights": _weights_id(INCEPTION, weights_path),
-           "version": FORMAT_VERSION}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(dataset)).name) or "images"
-    path = Path(data_dir) / "fidelity_cache" / f"{slug}-{resolution}px-{split}-inception-{digest}.pt"
+    path, key = _feature_cache(f"{slug}-{resolution}px-{split}", images, weights_path, data_dir,
+                               {"dataset": str(dataset), "resolution": resolution, "split": split})
     cached = read_cache(path, key)
     if cached is None:
         if ds.images is not None:
@@ -462,6 +459,28 @@ def split_features(dataset: str, resolution: int, split: str = "eval", *, data_d
                                                   True, False)[layer]
         cached = save_cache(path, key, {"features": feats.float(), "labels": ds.labels.clone()})
     return cached["features"], cached["labels"]
+
+
+def _feature_cache(stem: str, images: Images, weights_path, data_dir, extra: dict) -> tuple[Path, dict]:
+    """Where Inception features of ``images`` are cached, and the key of what they depend on (the pixels,
+    the network's weights, this format)."""
+    key = extra | {"n": len(images), "sha256": images.sha256(), "extractor": INCEPTION,
+                   "weights": _weights_id(INCEPTION, weights_path), "version": FORMAT_VERSION}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(data_dir) / "fidelity_cache" / f"{stem}-inception-{digest}.pt", key
+
+
+def image_features(images: torch.Tensor, stem: str, *, data_dir: str | Path = "data", batch_size: int = 64,
+                   device: str | torch.device = "cpu") -> torch.Tensor:
+    """Inception pool features (N, 2048) of uint8 images, computed once and cached under
+    ``data_dir``/fidelity_cache/``stem``-... with the key of the pixels and the network (as `split_features`)."""
+    weights_path, _ = _weights(INCEPTION, None, data_dir)
+    path, key = _feature_cache(stem, Images(images), weights_path, data_dir, {})
+    cached = read_cache(path, key)
+    if cached is None:
+        feats = features(images, data_dir=data_dir, batch_size=batch_size, device=device)
+        cached = save_cache(path, key, {"features": feats.float()})
+    return cached["features"]
 
 
 def score(fake: torch.Tensor, real: torch.Tensor, *, prc: bool = True, kid_subset_size: int | None = None,

@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -313,6 +314,7 @@ def ensure_evals(P: StudyParams, out: Path) -> list[dict]:
     checkpoints are still here (they are not committed; the records are): the score at the end with
     ``final_samples`` samples per sampling seed (with the memorisation check), at ``steps // 2`` for
     the ``half_scores`` arms, the feature-hacking subsets at ``high_res``, and the pixel probe."""
+    import torch
     from . import diagnostics, metrics
     from .data import load_dataset
     from .flow import SamplerConfig
@@ -342,9 +344,13 @@ def ensure_evals(P: StudyParams, out: Path) -> list[dict]:
     ds, targets = study_data(P, res)
     if todo:
         scfg = SamplerConfig(steps=P.eval_steps, cfg_scale=P.cfg_scale, noise_scale=cfg.noise_scale, t_eps=cfg.t_eps)
-        split, _ = metrics.split_features(P.dataset, res, "train", data_dir=cfg.data_dir)
-        pos = {src: i for i, src in enumerate(load_dataset(P.dataset, res, "train", cfg.data_dir, progress=False).sources)}
-        train_features = split[[pos[src] for src in ds.sources]]  # the images this run trained on
+        # The memorisation check compares with as many training images as there are held-out ones: a
+        # fixed random draw of the run's training images, so only those need Inception features.
+        n_held = len(load_dataset(P.dataset, res, "eval", cfg.data_dir, progress=False))
+        pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(P.eval_seed))[:n_held]
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(P.dataset)).name)
+        train_features = metrics.image_features(ds.images[pick], f"{slug}-{res}px-train{len(pick)}",
+                                                data_dir=cfg.data_dir, device=device)
     for step, sseed in todo:
         print(f"[study] {out.name}: scoring step {step}, {P.final_samples} samples, sampling seed {sseed}", flush=True)
         net, _ = load_jit(out / f"ckpt-{step:08d}.pt", device=device)

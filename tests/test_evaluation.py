@@ -101,3 +101,18 @@ def test_floor_records_are_disjoint_class_matched_subsets(tmp_path, monkeypatch)
     assert len(stats.read_jsonl(path)) == len(recs)
     table = stats.calibration_table(recs)
     assert [(r["n"], r["floor_subsets"]) for r in table] == [(14, 9), (28, 4)]
+
+
+def test_image_features_are_cached_by_their_pixels(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(metrics, "_weights", lambda name, path, data_dir: (tmp_path / "w.pth", None))
+    monkeypatch.setattr(metrics, "_weights_id", lambda name, path: "w")
+    monkeypatch.setattr(metrics, "features", lambda imgs, **k: calls.append(len(imgs)) or imgs.flatten(1)[:, :4].float())
+    a = torch.randint(0, 255, (5, 3, 4, 4), dtype=torch.uint8)
+    first = metrics.image_features(a, "toy-train5", data_dir=tmp_path)
+    again = metrics.image_features(a.clone(), "toy-train5", data_dir=tmp_path)
+    assert calls == [5] and torch.equal(first, again)  # read back, not recomputed
+    b = a.clone()
+    b[0, 0, 0, 0] ^= 1
+    other = metrics.image_features(b, "toy-train5", data_dir=tmp_path)  # other pixels, same name: recomputed
+    assert calls == [5, 5] and not torch.equal(other, first)
