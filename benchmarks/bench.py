@@ -50,7 +50,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from torch_fidelity import FeatureExtractorInceptionV3
 
-from pixelrepa import metrics
+from pixelrepa import extractors
 from pixelrepa.align import AlignConfig, build_head, token_mask
 from pixelrepa.encoders import DINOv2, EncoderWeightsMissing, build_encoder
 from pixelrepa.flow import FlowConfig, SamplerConfig, balanced_labels, generate, sample, sample_t
@@ -564,10 +564,10 @@ def bench_methods(model: str, resolution: int, batch: int, device: torch.device,
 def bench_inception(n: int = 128, device: torch.device | str = "cpu", batch_size: int = 32, resolution: int = 32,
                     data_dir: str | Path = ROOT / "data") -> dict:
     """Inception feature extraction images/s (uint8 input, resize to 299 included) with the network and
-    weights FID uses (``metrics.inception_weights``), after one warm-up batch."""
+    weights FID uses (``extractors.inception_weights``), after one warm-up batch."""
     device = torch.device(device)
-    path, _ = metrics.inception_weights(data_dir)
-    net = FeatureExtractorInceptionV3(metrics.INCEPTION, ["2048"], feature_extractor_weights_path=str(path)).to(device)
+    path, _ = extractors.inception_weights(data_dir)
+    net = FeatureExtractorInceptionV3(extractors.INCEPTION, ["2048"], feature_extractor_weights_path=str(path)).to(device)
     x = torch.randint(0, 256, (n, 3, resolution, resolution), generator=torch.Generator().manual_seed(0),
                       dtype=torch.uint8).to(device)
     timed = []

@@ -28,6 +28,7 @@ from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics
 from . import metrics
 from .config import refuse
 from .data import from_model_range, to_model_range
+from .extractors import FD_KEYS, INCEPTION
 from .flow import Net, SamplerConfig, add_noise, sample
 from .jit import MODELS
 
@@ -65,8 +66,8 @@ class DiagnosticConfig:
             refuse(self, "noise_scale", "must be > 0")
         if not 0 < self.ci < 1:
             refuse(self, "ci", "must be in (0, 1), e.g. 0.95")
-        if self.encoder not in metrics.FD_KEYS:
-            refuse(self, "encoder", f"must be one of {', '.join(map(repr, metrics.FD_KEYS))}")
+        if self.encoder not in FD_KEYS:
+            refuse(self, "encoder", f"must be one of {', '.join(map(repr, FD_KEYS))}")
 
     @property
     def sampler(self) -> SamplerConfig:
@@ -208,7 +209,7 @@ def feature_hacking(models: dict[str, Net], images: torch.Tensor, labels: torch.
         raise ValueError(f"images must be uint8 (N, 3, R, R), got {images.dtype} {tuple(images.shape)}")
     if len(labels) != len(images):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    extractors = {"fid": metrics.INCEPTION, metrics.FD_KEYS[cfg.encoder]: cfg.encoder}
+    extractors = {"fid": INCEPTION, FD_KEYS[cfg.encoder]: cfg.encoder}
     kw = dict(data_dir=cfg.data_dir, batch_size=cfg.batch_size, device=cfg.device)
     if features is None:
         features = metrics.features(images, cfg.encoder, **kw)

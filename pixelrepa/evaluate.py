@@ -18,7 +18,7 @@ the number of processes. Each rank runs Inception on its own chunks; the feature
 rank 0 scores them with torch-fidelity's own functions: FID against ``--ref_stats`` (an .npz with
 ``mu`` and ``sigma``, e.g. the reference's ``jit_in256_stats.npz``) or the images of ``--ref_images``
 (``--write_ref_stats PATH`` keeps their statistics for next time), and the Inception Score where the
-Inception weights have their logits (torch-fidelity's standard file, see metrics.inception_weights).
+Inception weights have their logits (torch-fidelity's standard file, see extractors.inception_weights).
 Each guidance scale (``--cfg_sweep``) gives one JSON row, printed and appended to
 ``OUT/results.jsonl``; ``--save_png`` writes its samples as ``OUT/samples-cfgS/NNNNN.png`` and
 ``--save_npz`` as ``OUT/samples-cfgS.npz`` (``arr_0``: N x H x W x 3 uint8, ``arr_1``: labels; the
@@ -48,8 +48,8 @@ from tqdm import tqdm
 from . import interop
 from .config import check_types, config_parser, refuse
 from .data import from_model_range
+from .extractors import INCEPTION, ISC_NOTE, inception_weights
 from .flow import SamplerConfig, balanced_labels, sample
-from .metrics import INCEPTION, ISC_NOTE, inception_weights
 from .storage import CheckpointError, atomic_write, append_log, jit_from_state, read_run
 from .train import dist_info, process_group, resolve_device
 
@@ -74,7 +74,7 @@ class EvalConfig:
     ref_stats: str = ""  # .npz with mu and sigma (Inception pool features of the reference images)
     ref_images: str = ""  # or a folder of reference images
     write_ref_stats: str = ""  # with ref_images: save their mu and sigma here (.npz)
-    inception_weights: str = ""  # default: metrics.inception_weights (standard file, else the offline copy)
+    inception_weights: str = ""  # default: extractors.inception_weights (standard file, else the offline copy)
     out_dir: str = ""  # default: beside the checkpoint, <run>/eval
     save_png: bool = False
     save_npz: bool = False

@@ -15,7 +15,8 @@ from conftest import PYTHON, ROOT, make_image_folder, run_env
 from pixelrepa import evaluate as ev
 from pixelrepa.data import load_dataset
 from pixelrepa.flow import SamplerConfig, generate
-from pixelrepa.metrics import INCEPTION, Images, features, inception_weights
+from pixelrepa.extractors import INCEPTION, inception_weights
+from pixelrepa.metrics import Images, features
 from pixelrepa.storage import checkpoints, jit_from_state, read_checkpoint
 from pixelrepa.train import TrainConfig, train
 from reference_layout import reference_checkpoint

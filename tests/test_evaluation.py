@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pixelrepa import calibration, metrics, stats, study
+from pixelrepa import calibration, extractors, metrics, stats, study
 from pixelrepa.flow import SamplerConfig, matched_labels
 
 
@@ -105,8 +105,8 @@ def test_floor_records_are_disjoint_class_matched_subsets(tmp_path, monkeypatch)
 
 def test_image_features_are_cached_by_their_pixels(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(metrics, "_weights", lambda name, path, data_dir: (tmp_path / "w.pth", None))
-    monkeypatch.setattr(metrics, "_weights_id", lambda name, path: "w")
+    monkeypatch.setattr(extractors, "resolve_weights", lambda name, path, data_dir: (tmp_path / "w.pth", None))
+    monkeypatch.setattr(extractors, "weights_id", lambda name, path: "w")
     monkeypatch.setattr(metrics, "features", lambda imgs, **k: calls.append(len(imgs)) or imgs.flatten(1)[:, :4].float())
     a = torch.randint(0, 255, (5, 3, 4, 4), dtype=torch.uint8)
     first = metrics.image_features(a, "toy-train5", data_dir=tmp_path)

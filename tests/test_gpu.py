@@ -95,7 +95,7 @@ def test_one_process_nccl_training_and_evaluation(tmp_path):
     """train() and evaluate() with an nccl process group of one: their barriers, all_reduce and
     all_gather_object run through NCCL."""
     from pixelrepa import evaluate as ev
-    from pixelrepa.metrics import inception_weights
+    from pixelrepa.extractors import inception_weights
     from pixelrepa.storage import read_checkpoint
     from pixelrepa.train import TrainConfig, train
     try:

@@ -1,4 +1,4 @@
-"""Metrics: the offline Inception conversion, reference caching, encoder FD and a sanity ordering on real images.
+"""Metrics and their extractors: the offline Inception conversion, reference caching, encoder FD and a sanity ordering on real images.
 
 Inception runs at ~3-8 images/s on the 2-core CPU, so every set here is tens of images: the FIDs are
 heavily biased upwards at that size, and only their ordering is checked.
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import ROOT
-from pixelrepa import metrics
+from pixelrepa import extractors, metrics
 from pixelrepa.data import OPENCLIPART_ROOT, FASHION_MNIST_ROOT, load_dataset, to_model_range
 
 DATA = ROOT / "data"
@@ -99,7 +99,7 @@ def test_fid_orders_held_out_blurred_noise(sanity):
 def test_converted_inception_has_no_inception_score(sanity):
     r = sanity[1]["held-out"]
     assert r["isc_mean"] is None and "logits" in r["isc_note"]
-    assert r["weights"] == metrics.CONVERTED_WEIGHTS and math.isfinite(r["kid_mean"])
+    assert r["weights"] == extractors.CONVERTED_WEIGHTS and math.isfinite(r["kid_mean"])
 
 
 @pytest.mark.slow
@@ -129,20 +129,20 @@ def test_mismatched_reference_is_refused(sanity, data_dir):
 
 @needs_openclipart
 def test_converted_inception_matches_torchscript(data_dir):
-    path, has_logits = metrics.inception_weights(data_dir)
+    path, has_logits = extractors.inception_weights(data_dir)
     assert not has_logits
     # Clip art (not the photos the conversion was checked on), upsampled to the native 299 px.
     x = F.interpolate(openclipart("eval")[:3].float(), size=(299, 299), mode="bicubic")
-    diff = metrics.inception_max_abs_diff(path, x.round().clamp(0, 255).to(torch.uint8))
+    diff = extractors.inception_max_abs_diff(path, x.round().clamp(0, 255).to(torch.uint8))
     print(f"converted Inception vs TorchScript: max abs diff {diff:.2e}")
     assert diff <= 1e-5
 
 
 def test_wrong_conversion_is_refused_and_not_saved(tmp_path, monkeypatch):
-    swapped = {**metrics._BRANCHES["E"], "tower_mixed_conv": "branch3x3dbl_3a", "tower_1_mixed_conv": "branch3x3_2a"}
-    monkeypatch.setitem(metrics._BRANCHES, "E", swapped)  # same shapes, wrong wiring
+    swapped = {**extractors._BRANCHES["E"], "tower_mixed_conv": "branch3x3dbl_3a", "tower_1_mixed_conv": "branch3x3_2a"}
+    monkeypatch.setitem(extractors._BRANCHES, "E", swapped)  # same shapes, wrong wiring
     with pytest.raises(RuntimeError, match="differs"):
-        metrics.convert_fid_helper_inception(tmp_path / "w.pth")
+        extractors.convert_fid_helper_inception(tmp_path / "w.pth")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -150,27 +150,27 @@ def test_wrong_conversion_is_refused_and_not_saved(tmp_path, monkeypatch):
 def test_standard_weights_give_inception_score(data_dir, tmp_path, monkeypatch):
     """A file with logits (here: the converted convolutions plus a random fc) is picked up from
     $PIXELREPA_INCEPTION or the torch hub cache, and then IS is computed."""
-    converted, _ = metrics.inception_weights(data_dir)
+    converted, _ = extractors.inception_weights(data_dir)
     sd = torch.load(converted, weights_only=True)
     g = torch.Generator().manual_seed(0)
     sd["fc.weight"], sd["fc.bias"] = torch.randn(1008, 2048, generator=g) * 0.05, torch.zeros(1008)
-    standard = tmp_path / metrics.STANDARD_WEIGHTS
+    standard = tmp_path / extractors.STANDARD_WEIGHTS
     torch.save(sd, standard)
 
     hub = tmp_path / "torch_home" / "hub" / "checkpoints"
     hub.mkdir(parents=True)
-    (hub / metrics.STANDARD_WEIGHTS).symlink_to(standard)
+    (hub / extractors.STANDARD_WEIGHTS).symlink_to(standard)
     monkeypatch.delenv("PIXELREPA_INCEPTION", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    assert metrics.inception_weights(data_dir) == (hub / metrics.STANDARD_WEIGHTS, True)
+    assert extractors.inception_weights(data_dir) == (hub / extractors.STANDARD_WEIGHTS, True)
     monkeypatch.delenv("TORCH_HOME")
 
     no_network(monkeypatch)
     monkeypatch.setenv("PIXELREPA_INCEPTION", str(standard))
-    assert metrics.inception_weights(data_dir) == (standard, True)
+    assert extractors.inception_weights(data_dir) == (standard, True)
     r = metrics.compute_metrics(openclipart("train")[:8], openclipart("eval")[:8], data_dir=data_dir, kid=False)
     assert r["isc_mean"] > 1.0 and math.isfinite(r["isc_std"]) and "isc_note" not in r
-    assert r["weights"] == metrics.STANDARD_WEIGHTS and r["fid"] > 0
+    assert r["weights"] == extractors.STANDARD_WEIGHTS and r["fid"] > 0
 
 
 class RandConv(nn.Module):
@@ -195,8 +195,8 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_registered_encoder_fd_matches_independent_frechet(data_dir):
-    metrics.register_encoder_fd("test-randconv", lambda weights, device: RandConv())
-    metrics.register_encoder_fd("test-randconv", lambda weights, device: RandConv())  # re-registering is fine
+    extractors.register_encoder_fd("test-randconv", lambda weights, device: RandConv())
+    extractors.register_encoder_fd("test-randconv", lambda weights, device: RandConv())  # re-registering is fine
     g = torch.Generator().manual_seed(1)
     a = torch.randint(0, 256, (64, 3, 32, 32), generator=g, dtype=torch.uint8)
     b = (a.float() * 0.6 + 40).to(torch.uint8)
@@ -216,7 +216,7 @@ def test_reference_cache_of_another_resolution_or_dataset_is_never_used(tmp_path
     reported and rebuilt: every FD below equals the one computed from the images with no cache."""
     import shutil
     from conftest import make_image_folder
-    metrics.register_encoder_fd("test-randconv", lambda weights, device: RandConv())
+    extractors.register_encoder_fd("test-randconv", lambda weights, device: RandConv())
     folders = {"a": make_image_folder(tmp_path / "a", per_class=4), "b": make_image_folder(tmp_path / "b", per_class=4, seed=1)}
     kw = dict(feature_extractor="test-randconv", data_dir=tmp_path / "data")
     g = torch.Generator().manual_seed(0)
