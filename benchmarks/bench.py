@@ -51,11 +51,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch_fidelity import FeatureExtractorInceptionV3
 
 from pixelrepa import extractors
-from pixelrepa.align import AlignConfig, build_head, token_mask
+from pixelrepa.align import AlignConfig, Trainable, build_head, step_loss, token_mask
 from pixelrepa.encoders import DINOv2, EncoderWeightsMissing, build_encoder
 from pixelrepa.flow import FlowConfig, SamplerConfig, balanced_labels, generate, sample, sample_t
 from pixelrepa.jit import JiT, count_params, jit_config
-from pixelrepa.train import Trainable, resolve_device, step_loss, update_emas
+from pixelrepa.distributed import resolve_device
+from pixelrepa.train import update_emas
 
 from .memory import WHAT as MEMORY_WHAT, cpu_peak, cuda_peak, in_subprocess as memory_in_subprocess
 from .reference import reference_sample, reference_style

@@ -9,7 +9,8 @@ Four methods, differing only in configuration:
   its tokens replaced by a learnable mask token; total v_loss + 0.1 * (1 - cos) over all tokens.
 - ``adapter``: the same adapter without masking (mask_ratio 0), the paper's ablation.
 The JiT pathway continues from the same unmasked hidden state, so one pass feeds both losses and the
-alignment gradient reaches the early blocks. Sampling never calls a head.
+alignment gradient reaches the early blocks (`Trainable`, the JiT and its head as one module;
+`step_loss`, one batch's objective). Sampling never calls a head.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import refuse
-from .jit import JiTBlock, JiTConfig, TimestepEmbedder, rope_2d
+from .flow import add_noise, v_loss
+from .jit import JiT, JiTBlock, JiTConfig, TimestepEmbedder, rope_2d
 
 METHODS = ("jit", "repa", "adapter", "pixelrepa")
 DEFAULT_COEF = {"repa": 0.5, "adapter": 0.1, "pixelrepa": 0.1}
@@ -162,6 +164,39 @@ def token_mask(batch: int, tokens: int, ratio: float, generator: torch.Generator
     return torch.rand(batch, tokens, generator=generator) < ratio
 
 
+# ----------------------------------------------------------------------------- the objective
+
+class Trainable(nn.Module):
+    """The JiT and its optional alignment head: one module for DDP, one forward pass for both losses."""
+
+    def __init__(self, jit: JiT, head: nn.Module | None = None, depth: int = 0):
+        super().__init__()
+        self.jit, self.head, self.depth = jit, head, depth
+
+    def forward(self, z, t, y, mask=None):
+        if self.head is None:
+            return self.jit(z, t, y), None
+        x_pred, (h,) = self.jit(z, t, y, hidden_at=(self.depth,))
+        return x_pred, self.head(h, t, y, mask)
+
+
+def step_loss(net: nn.Module, x, y, t, e, t_eps: float, mask=None, target=None, coef: float = 0.0):
+    """One batch's objective: the v-loss of the x-prediction plus ``coef`` times the alignment loss.
+
+    ``net`` is a ``Trainable`` (or its DDP/compiled wrapper); ``target()`` gives the encoder tokens and
+    is called only when the net has a head. Returns (loss, per-sample v-loss, per-token cosines or None).
+    """
+    z = add_noise(x, t, e)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        x_pred, pred = net(z, t, y, mask)
+    per_sample = v_loss(x_pred.float(), x, z, t, t_eps)
+    loss, cos = per_sample.mean(), None
+    if pred is not None:
+        align_loss, cos = cosine_loss(pred, target())
+        loss = loss + coef * align_loss
+    return loss, per_sample, cos
+
+
 # ----------------------------------------------------------------------------- alignment probe
 
 def linear_cka(X: torch.Tensor, Y: torch.Tensor) -> float:
@@ -178,7 +213,6 @@ def probe_alignment(net, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
                     blocks=None, noise_scale: float = 1.0, seed: int = 0) -> list[dict]:
     """Linear CKA between the JiT's mean-pooled hidden state after each block and the encoder's
     mean-pooled features, for images x (model range) noised to each t. One record per (block, t)."""
-    from .flow import add_noise
     blocks = tuple(sorted(blocks or range(1, net.cfg.depth + 1)))
     g = torch.Generator().manual_seed(seed)
     e = noise_scale * torch.randn(x.shape, generator=g).to(x.device)

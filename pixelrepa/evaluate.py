@@ -48,10 +48,10 @@ from tqdm import tqdm
 from . import interop
 from .config import check_types, config_parser, refuse
 from .data import from_model_range
+from .distributed import dist_info, gather, process_group, resolve_device
 from .extractors import INCEPTION, ISC_NOTE, inception_weights
 from .flow import SamplerConfig, balanced_labels, sample
 from .storage import CheckpointError, atomic_write, append_log, jit_from_state, read_run
-from .train import dist_info, process_group, resolve_device
 
 POOL, LOGITS = "2048", "logits_unbiased"  # torch-fidelity's layers for FID and for IS
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -224,15 +224,6 @@ def save_png(folder: Path, start: int, images: torch.Tensor) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{start + i:05d}.png")
-
-
-def gather(obj, world: int) -> list:
-    """Every rank's ``obj``, in rank order (through the process group whenever there is one)."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def evaluate(cfg: EvalConfig) -> list[dict]:

@@ -37,10 +37,10 @@ from pathlib import Path
 
 import torch
 
-from .align import DEFAULT_MASK_RATIO, build_head
+from .align import DEFAULT_MASK_RATIO, Trainable, build_head
 from .jit import JiT, MODELS, jit_config, sincos_2d
 from .storage import CheckpointError, atomic_save, atomic_write_text, load_weights, save_checkpoint
-from .train import TrainConfig, Trainable, training_set
+from .train import TrainConfig, training_set
 
 JIT_PREFIX, ADAPTER_PREFIX, ENCODER_PREFIX = "net.", "masked_transformer_adapter.", "repa_model."
 # reference name -> pixelrepa name, at the start of a key inside the JiT or the adapter

@@ -40,13 +40,13 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from .align import build_head, cosine_loss
+from .align import Trainable, build_head, cosine_loss
 from .data import DATASETS
 from .encoders import DINOv2, EffNetLite0, default_image_size
 from .flow import SamplerConfig, add_noise, sample, v_loss
 from .jit import JiT, jit_config
 from .study import load_profile, plan, profiles, run_config
-from .train import TrainConfig, Trainable
+from .train import TrainConfig
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # bf16 dense, NVIDIA data sheets (SXM)
 DEFAULT_MFU = 0.40
@@ -123,7 +123,7 @@ def _saved_bytes(fn) -> int:
 
 def training_loss(net: Trainable, cfg: TrainConfig, B: int, bf16: bool) -> torch.Tensor:
     """The training objective of ``B`` random images (v-loss plus the method's alignment term), as
-    train.step_loss computes it, with bf16 autocast on whatever device the tensors are."""
+    align.step_loss computes it, with bf16 autocast on whatever device the tensors are."""
     x = torch.randn(B, 3, cfg.resolution, cfg.resolution)
     t, e, y = torch.rand(B), torch.randn(B, 3, cfg.resolution, cfg.resolution), torch.zeros(B, dtype=torch.long)
     z = add_noise(x, t, e)

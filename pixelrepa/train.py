@@ -9,9 +9,7 @@ exactly, and N processes follow one process at the same global batch up to float
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import datetime
 import json
 import math
 import os
@@ -23,15 +21,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from tqdm import tqdm
 
 from . import data as datalib
 from . import encoders
 from . import scalars
-from .align import AlignConfig, build_head, check_align, cosine_loss, token_mask
+from .align import AlignConfig, Trainable, build_head, check_align, step_loss, token_mask
 from .config import check_types, config_parser, refuse, shared
-from .flow import FlowConfig, SamplerConfig, add_noise, check_flow, generate, sample_t, v_loss
+from .distributed import dist_info, process_group, resolve_device
+from .flow import FlowConfig, SamplerConfig, check_flow, generate, sample_t
 from .jit import JiT, JiTConfig, MODELS, jit_config
 from .storage import (CheckpointError, append_log, atomic_write_text, checkpoints, clean_partial_writes,
                       latest_checkpoint, load_weights, save_checkpoint, truncate_log)
@@ -130,21 +128,7 @@ class TrainConfig:
         return FlowConfig(**shared(self, FlowConfig))
 
 
-# ----------------------------------------------------------------------------- process helpers
-
-def dist_info() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' asked for but torch sees no CUDA device")
-    if name == "cuda" and dist.is_initialized():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
-
+# ----------------------------------------------------------------------------- what the loop draws and reads
 
 def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -174,37 +158,6 @@ class StepBatches(torch.utils.data.Sampler):
 
     def __len__(self):
         return self.stop - self.start
-
-
-class Trainable(nn.Module):
-    """The JiT and its optional alignment head: one module for DDP, one forward pass for both losses."""
-
-    def __init__(self, jit: JiT, head: nn.Module | None = None, depth: int = 0):
-        super().__init__()
-        self.jit, self.head, self.depth = jit, head, depth
-
-    def forward(self, z, t, y, mask=None):
-        if self.head is None:
-            return self.jit(z, t, y), None
-        x_pred, (h,) = self.jit(z, t, y, hidden_at=(self.depth,))
-        return x_pred, self.head(h, t, y, mask)
-
-
-def step_loss(net: nn.Module, x, y, t, e, t_eps: float, mask=None, target=None, coef: float = 0.0):
-    """One batch's objective: the v-loss of the x-prediction plus ``coef`` times the alignment loss.
-
-    ``net`` is a ``Trainable`` (or its DDP/compiled wrapper); ``target()`` gives the encoder tokens and
-    is called only when the net has a head. Returns (loss, per-sample v-loss, per-token cosines or None).
-    """
-    z = add_noise(x, t, e)
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-        x_pred, pred = net(z, t, y, mask)
-    per_sample = v_loss(x_pred.float(), x, z, t, t_eps)
-    loss, cos = per_sample.mean(), None
-    if pred is not None:
-        align_loss, cos = cosine_loss(pred, target())
-        loss = loss + coef * align_loss
-    return loss, per_sample, cos
 
 
 @torch.no_grad()
@@ -482,23 +435,6 @@ def save_samples(out_dir: Path, cfg: TrainConfig, ema: JiT, num_classes: int, de
 # ----------------------------------------------------------------------------- command line
 
 USER_ERRORS = (ValueError, FloatingPointError, FileNotFoundError, CheckpointError, datalib.DatasetError)
-
-
-@contextlib.contextmanager
-def process_group(device: str, timeout_s: int):
-    """Under torchrun (WORLD_SIZE > 1), the process group for the duration: nccl on CUDA (each rank on
-    its LOCAL_RANK device), gloo on the CPU; torn down however the block ends. A lost process makes
-    the others' collectives fail after ``timeout_s`` instead of hanging. Nothing in one process."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        backend = "nccl" if resolve_device(device).type == "cuda" else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    try:
-        yield
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def main(argv=None):

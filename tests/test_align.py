@@ -1,11 +1,10 @@
 import pytest
 import torch
 
-from pixelrepa.align import (AlignConfig, MaskedTransformerAdapter, REPAProjector, build_head, cosine_loss,
-                             linear_cka, token_mask)
+from pixelrepa.align import (AlignConfig, MaskedTransformerAdapter, REPAProjector, Trainable, build_head,
+                             cosine_loss, linear_cka, token_mask)
 from pixelrepa.flow import SamplerConfig, generate
 from pixelrepa.jit import build_jit
-from pixelrepa.train import Trainable
 
 
 def test_mask_fraction_matches_the_ratio():

@@ -12,10 +12,9 @@ import torch
 import torch.distributed as dist
 
 from conftest import make_image_folder
-from pixelrepa.align import METHODS, AlignConfig, build_head, token_mask
+from pixelrepa.align import METHODS, AlignConfig, Trainable, build_head, step_loss, token_mask
 from pixelrepa.flow import FlowConfig, sample_t
 from pixelrepa.jit import build_jit
-from pixelrepa.train import Trainable, step_loss
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 CUDA = torch.device("cuda")

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from pixelrepa import planning
-from pixelrepa.align import build_head
+from pixelrepa.align import Trainable, build_head
 from pixelrepa.flow import SamplerConfig
 from pixelrepa.jit import JiT, jit_config
-from pixelrepa.train import TrainConfig, Trainable
+from pixelrepa.train import TrainConfig
 
 
 def hand_count_forward(w=192, h=512, L=32, N=64, b=64, p=4, depth=6, start=2) -> int:
