@@ -1,5 +1,5 @@
-"""The explorers (pixelrepa/widgets.py): their computations, their in-place figure updates, and the
-notebook in a real JupyterLab driven by headless chromium (marked ``browser``)."""
+"""The explorers (pixelrepa/widgets.py): their computations (pixelrepa/probes.py), their in-place figure
+updates, and the notebook in a real JupyterLab driven by headless chromium (marked ``browser``)."""
 import dataclasses
 import os
 import re
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, run_env
-from pixelrepa import align, data, encoders, storage, study, widgets
+from pixelrepa import align, data, encoders, probes, storage, study, widgets
 from pixelrepa.config import shared
 from pixelrepa.flow import add_noise
 
@@ -34,25 +34,25 @@ CHROMIUM = Path("/usr/bin/chromium")
 @pytest.mark.parametrize("ratio,seed", [(0.2, 0), (0.2, 7), (0.5, 1), (0.0, 3)])
 def test_masked_view_greys_exactly_the_tokens_token_mask_draws(ratio, seed):
     grid, p = 8, 4
-    mask = widgets.mask_for(grid, ratio, seed)
+    mask = probes.mask_for(grid, ratio, seed)
     expected = align.token_mask(1, grid * grid, ratio, torch.Generator().manual_seed(seed))
     assert torch.equal(mask, expected[0] if expected is not None else torch.zeros(grid * grid, dtype=torch.bool))
     image = torch.randint(0, 100, (3, grid * p, grid * p), generator=torch.Generator().manual_seed(1)).to(torch.uint8)
-    view = widgets.masked_view(image, mask, grid)
+    view = probes.masked_view(image, mask, grid)
     assert view.shape == (grid * p, grid * p, 3) and view.dtype == np.uint8
     changed = (view != image.numpy().transpose(1, 2, 0)).any(-1)  # dark pixels: every greyed one changes
     tokens = changed.reshape(grid, p, grid, p).any((1, 3)).reshape(-1)
     assert tokens.sum() == int(mask.sum())
     assert np.array_equal(np.nonzero(tokens)[0], mask.nonzero().flatten().numpy())
     assert (changed.reshape(grid, p, grid, p).all((1, 3)).reshape(-1) == tokens).all()  # whole patches
-    assert np.array_equal(widgets.masked_view(image, mask, grid), view)  # deterministic
+    assert np.array_equal(probes.masked_view(image, mask, grid), view)  # deterministic
 
 
 def test_linear_map_recovers_an_affine_map():
     g = torch.Generator().manual_seed(0)
     h = torch.randn(3, 16, 5, generator=g)
     target = h @ torch.randn(5, 7, generator=g) + 0.5
-    assert torch.allclose(widgets.linear_map(h, target), target, atol=1e-4)
+    assert torch.allclose(probes.linear_map(h, target), target, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +62,11 @@ def smoke(tmp_path_factory):
     runs = {m: study.ensure_run(P, m, P.high_res, P.seeds[0]) for m in ("pixelrepa", "jit")}
     ds = data.load_dataset(P.dataset, P.high_res, "train", data_dir=study.ROOT / P.data_dir, progress=False)
     ds = data.take(ds, P.train_images)
-    return P, runs, ds.images[:4], ds.labels[:4], widgets.ModelCache()
+    return P, runs, ds.images[:4], ds.labels[:4], probes.ModelCache()
 
 
 def manual_head_cosine(run_dir, images, labels, t, mask=None, noise_seed=0):
-    """The head's per-token cosine computed from the checkpoint by hand (not through widgets)."""
+    """The head's per-token cosine computed from the checkpoint by hand (not through probes)."""
     state = storage.load_latest(Path(run_dir))
     cfg = state["config"]
     net, _ = storage.load_jit(run_dir, which="model")
@@ -87,7 +87,7 @@ def manual_head_cosine(run_dir, images, labels, t, mask=None, noise_seed=0):
 def test_head_aligned_block_cosine_equals_a_manual_computation(smoke):
     P, runs, images, labels, cache = smoke
     expected, depth = manual_head_cosine(runs["pixelrepa"], images, labels, 0.5)
-    res = widgets.hidden_token_cosine(runs["pixelrepa"], images, labels, 0.5, depth, cache=cache)
+    res = probes.hidden_token_cosine(runs["pixelrepa"], images, labels, 0.5, depth, cache=cache)
     assert res["source"] == "head" and res["cos"].shape == (4, res["grid"] ** 2)
     torch.testing.assert_close(res["cos"], expected, atol=1e-5, rtol=1e-5)
     assert res["cos"].abs().max() <= 1 + 1e-6
@@ -95,31 +95,31 @@ def test_head_aligned_block_cosine_equals_a_manual_computation(smoke):
 
 def test_adapter_token_cosine_masks_like_token_mask_and_matches_by_hand(smoke):
     P, runs, images, labels, cache = smoke
-    res = widgets.adapter_token_cosine(runs["pixelrepa"], images[1], int(labels[1]), 0.3, 0.2, seed=5, cache=cache)
+    res = probes.adapter_token_cosine(runs["pixelrepa"], images[1], int(labels[1]), 0.3, 0.2, seed=5, cache=cache)
     T = res["grid"] ** 2
     assert torch.equal(res["mask"], align.token_mask(1, T, 0.2, torch.Generator().manual_seed(5))[0])
     assert res["cos"].shape == (T,) and res["cos"].abs().max() <= 1 + 1e-6
     expected, _ = manual_head_cosine(runs["pixelrepa"], images[1:2], labels[1:2], 0.3, res["mask"][None])
     torch.testing.assert_close(res["cos"], expected[0], atol=1e-5, rtol=1e-5)
-    again = widgets.adapter_token_cosine(runs["pixelrepa"], images[1], int(labels[1]), 0.3, 0.2, seed=5, cache=cache)
+    again = probes.adapter_token_cosine(runs["pixelrepa"], images[1], int(labels[1]), 0.3, 0.2, seed=5, cache=cache)
     assert torch.equal(again["cos"], res["cos"]) and torch.equal(again["mask"], res["mask"])
-    other = widgets.adapter_token_cosine(runs["pixelrepa"], images[1], int(labels[1]), 0.3, 0.2, seed=6, cache=cache)
+    other = probes.adapter_token_cosine(runs["pixelrepa"], images[1], int(labels[1]), 0.3, 0.2, seed=6, cache=cache)
     assert not torch.equal(other["mask"], res["mask"])
-    plain = widgets.adapter_token_cosine(runs["jit"], images[1], int(labels[1]), 0.3, 0.2, seed=5, cache=cache)
+    plain = probes.adapter_token_cosine(runs["jit"], images[1], int(labels[1]), 0.3, 0.2, seed=5, cache=cache)
     assert plain["cos"] is None and torch.equal(plain["mask"], res["mask"])
 
 
 def test_other_blocks_use_a_linear_map_and_cka_comes_from_probe_alignment(smoke):
     P, runs, images, labels, cache = smoke
     for name, block in (("pixelrepa", 4), ("jit", 2)):
-        res = widgets.hidden_token_cosine(runs[name], images, labels, 0.7, block, cache=cache)
+        res = probes.hidden_token_cosine(runs[name], images, labels, 0.7, block, cache=cache)
         assert res["source"] == "linear" and res["cos"].abs().max() <= 1 + 1e-5
     run = cache.run(runs["pixelrepa"])
-    recs = widgets.cka_probe(run, images, labels, ts=(0.3, 0.7), cache=cache)
+    recs = probes.cka_probe(run, images, labels, ts=(0.3, 0.7), cache=cache)
     expected = align.probe_alignment(run.jit, data.to_model_range(images), labels, cache.targets(run, images),
                                      ts=(0.3, 0.7), noise_scale=run.noise_scale, seed=0)
     assert recs == expected and len(recs) == 2 * run.jit_cfg.depth
-    blocks, ts, z = widgets.cka_grid(recs)
+    blocks, ts, z = probes.cka_grid(recs)
     assert blocks == list(range(1, run.jit_cfg.depth + 1)) and ts == [0.3, 0.7] and len(z[0]) == 2
 
 
@@ -133,7 +133,7 @@ def test_moving_a_control_updates_the_figure_in_place(smoke):
     assert fig.layout.title.text != before[3] and "seed 1" in fig.layout.title.text
     assert fig.data[2].x != before[2] and fig.data[1].z != before[1]
     assert not np.array_equal(np.array(fig.data[0].z), before[0])
-    n = int(widgets.mask_for(ex.run.grid, ex.controls["mask_ratio"].value, 1).sum())
+    n = int(probes.mask_for(ex.run.grid, ex.controls["mask_ratio"].value, 1).sum())
     assert len(fig.data[2].x) == n and f"{n} of {ex.run.grid ** 2} tokens masked" in fig.layout.title.text
 
     ax = widgets.alignment_explorer(runs, images, labels, cache=cache).explorer

@@ -131,7 +131,7 @@ def test_reference_checkpoint_loads_and_resumes_as_the_run_it_came_from(tmp_path
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["encoder_weights"].endswith(interop.ENCODER_FILE)
     assert torch.load(run / interop.ENCODER_FILE, weights_only=True).keys() == {"cls_token"}
-    from pixelrepa.widgets import ModelCache
+    from pixelrepa.probes import ModelCache
     loaded = ModelCache().run(run)
     assert loaded.step == 6 and loaded.head is not None
     assert_same(loaded.head.state_dict(), state6["head"], "explorer head")
