@@ -8,15 +8,18 @@
   read the fields by their shared names, and so name it without any rewriting of messages.
 - A config built from another (a study's runs from its profile) takes the fields the two share by
   name (``shared``), plus the few it sets explicitly.
-- ``config_parser`` gives every field a ``--field`` typed from its annotation, ``None`` included.
+- ``config_parser`` gives every field a ``--field`` typed from its annotation, ``None`` included, and
+  ``cli_errors`` ends a command whose input is wrong with one line naming what is wrong.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import numbers
 import os
+import sys
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -132,3 +135,17 @@ def _or_none(parse):
         return None if s.lower() == "none" else parse(s)
     value.__name__ = f"{parse.__name__} or none"  # argparse names the type in its errors
     return value
+
+
+@contextlib.contextmanager
+def cli_errors(prog: str, errors: tuple[type[BaseException], ...]):
+    """A command line's user errors: an exception of ``errors`` (the input is wrong: configuration,
+    data, checkpoints) ends the process with status 1 and the one line ``prog: error: message``;
+    set PIXELREPA_TRACEBACK=1 for the traceback instead."""
+    try:
+        yield
+    except errors as err:
+        if os.environ.get("PIXELREPA_TRACEBACK"):
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)

@@ -27,8 +27,6 @@ layout other evaluators read). PNGs are written by each rank (a folder all ranks
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +44,7 @@ from torch_fidelity.utils import get_featuresdict_from_dataset
 from tqdm import tqdm
 
 from . import interop
-from .config import check_types, config_parser, refuse
+from .config import check_types, cli_errors, config_parser, refuse
 from .data import from_model_range
 from .distributed import dist_info, gather, process_group, resolve_device
 from .extractors import INCEPTION, ISC_NOTE, inception_weights
@@ -319,15 +317,10 @@ def main(argv=None):
     p.add_argument("path", nargs="?", default=None, help="the checkpoint (instead of --checkpoint)")
     a = vars(p.parse_args(argv))
     path = a.pop("path")
-    try:
+    with cli_errors("pixelrepa.evaluate", (ValueError, FileNotFoundError, CheckpointError)):
         cfg = EvalConfig(**{**a, "checkpoint": path or a["checkpoint"]})
         with process_group(cfg.device, cfg.dist_timeout):
             evaluate(cfg)
-    except (ValueError, FileNotFoundError, CheckpointError) as err:
-        if os.environ.get("PIXELREPA_TRACEBACK"):
-            raise
-        print(f"pixelrepa.evaluate: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

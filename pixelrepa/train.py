@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -27,7 +26,7 @@ from . import data as datalib
 from . import encoders
 from . import scalars
 from .align import AlignConfig, Trainable, build_head, check_align, step_loss, token_mask
-from .config import check_types, config_parser, refuse, shared
+from .config import check_types, cli_errors, config_parser, refuse, shared
 from .distributed import dist_info, process_group, resolve_device
 from .flow import FlowConfig, SamplerConfig, check_flow, generate, sample_t
 from .jit import JiT, JiTConfig, MODELS, jit_config
@@ -440,17 +439,12 @@ USER_ERRORS = (ValueError, FloatingPointError, FileNotFoundError, CheckpointErro
 def main(argv=None):
     """Command line entry. Errors about the input (configuration, data, checkpoints, non-finite numbers)
     end the process with status 1 and a one-line message; set PIXELREPA_TRACEBACK=1 for the traceback."""
-    try:
+    with cli_errors("pixelrepa.train", USER_ERRORS):
         cfg = TrainConfig(**vars(config_parser(TrainConfig, prog=f"python -m {__name__}").parse_args(argv)))
         with process_group(cfg.device, cfg.dist_timeout):
             out = train(cfg)
             if dist_info()[0] == 0:
                 print(f"done: {out}")
-    except USER_ERRORS as err:
-        if os.environ.get("PIXELREPA_TRACEBACK"):
-            raise
-        print(f"pixelrepa.train: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

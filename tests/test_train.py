@@ -16,7 +16,7 @@ from conftest import PYTHON, ROOT, huge_png, make_image_folder, run_env
 from pixelrepa import train as trainmod
 from pixelrepa.storage import (CheckpointError, atomic_save, checkpoints, checksum_path, load_jit, load_latest,
                                read_checkpoint, sha256_file)
-from pixelrepa.config import config_parser
+from pixelrepa.config import cli_errors, config_parser
 from pixelrepa.train import StepBatches, TrainConfig, lr_at, train
 
 
@@ -68,6 +68,23 @@ def test_command_line_takes_every_field_and_none_for_the_default_value():
     assert TrainConfig(**vars(p.parse_args(args))) == cfg
     with pytest.raises(SystemExit):
         p.parse_args(["--align_depth", "two"])
+
+
+def test_user_errors_end_a_command_with_one_line_and_status_1(capsys, monkeypatch):
+    monkeypatch.delenv("PIXELREPA_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        with cli_errors("pixelrepa.train", trainmod.USER_ERRORS):
+            TrainConfig(steps=0)
+    assert stop.value.code == 1
+    assert capsys.readouterr().err == "pixelrepa.train: error: TrainConfig.steps=0: must be a positive integer\n"
+    with pytest.raises(KeyError):  # not a user error: the traceback, as ever
+        with cli_errors("pixelrepa.train", trainmod.USER_ERRORS):
+            raise KeyError("bug")
+    monkeypatch.setenv("PIXELREPA_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="steps"):
+        with cli_errors("pixelrepa.train", trainmod.USER_ERRORS):
+            TrainConfig(steps=0)
+    assert capsys.readouterr().err == ""
 
 
 def test_lr_scales_with_batch_and_warms_up_linearly():
