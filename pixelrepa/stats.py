@@ -182,9 +182,11 @@ def holm(pvalues: list[float]) -> list[float]:
 
 # ----------------------------------------------------------------------------- the claims
 
-def _paired(rows, a, b, where):
+def _paired(rows, a, b, where, rows_b=None):
+    """(the seeds both arms have at ``where``, a - b per seed, b per seed); b's values come from
+    ``rows_b`` where given (another step's scores), else from ``rows``."""
     va = {r["seed"]: r["value"] for r in rows if r["arm"] == a and r["where"] == where}
-    vb = {r["seed"]: r["value"] for r in rows if r["arm"] == b and r["where"] == where}
+    vb = {r["seed"]: r["value"] for r in (rows if rows_b is None else rows_b) if r["arm"] == b and r["where"] == where}
     seeds = sorted(set(va) & set(vb))
     return seeds, np.array([va[s] - vb[s] for s in seeds]), np.array([vb[s] for s in seeds])
 
@@ -233,12 +235,9 @@ def components(runs: list[dict], *, low_res: int, high_res: int, steps: int, flo
     add(4, f"PixelREPA - JiT at {high_res} px, final (paper: PixelREPA better)", "pixelrepa", "jit", high_res, -1,
         floor=floors.get(high_res))
     # claim 4's speed: PixelREPA after half the steps against JiT after all of them (non-inferiority)
-    ha = {r["seed"]: r["value"] for r in half if r["arm"] == "pixelrepa" and r["where"] == high_res}
-    fb = {r["seed"]: r["value"] for r in final if r["arm"] == "jit" and r["where"] == high_res}
-    seeds = sorted(set(ha) & set(fb))
+    _, d_speed, b_speed = _paired(half, "pixelrepa", "jit", high_res, rows_b=final)
     add(4, f"PixelREPA at {steps // 2} steps - JiT at {steps} steps at {high_res} px (paper: <= 0, > 2x faster)",
-        "pixelrepa", "jit", high_res, -1, diffs=np.array([ha[s] - fb[s] for s in seeds]),
-        base=np.array([fb[s] for s in seeds]), floor=floors.get(high_res), noninferiority=True)
+        "pixelrepa", "jit", high_res, -1, diffs=d_speed, base=b_speed, floor=floors.get(high_res), noninferiority=True)
     return out
 
 
