@@ -8,9 +8,9 @@ import papermill as pm
 import pytest
 
 from conftest import PYTHON, run_env
-from pixelrepa import stats, study
+from pixelrepa import runner, stats, study
 
-NOTEBOOKS = study.notebooks()
+NOTEBOOKS = runner.notebooks()
 
 
 def test_every_profile_loads_and_the_notebooks_exist():
@@ -26,7 +26,7 @@ def test_every_profile_loads_and_the_notebooks_exist():
 def test_every_notebook_accepts_every_profile(nb, tmp_path):
     """papermill injects each profile into the notebook; running the parameters cells then building the
     config gives exactly the profile's StudyParams (nothing dropped, nothing mistyped)."""
-    study.check_notebook_parameters([nb])
+    runner.check_notebook_parameters([nb])
     for name in study.profiles():
         params = {k: list(v) if isinstance(v, tuple) else v
                   for k, v in study.asdict(study.load_profile(name)).items()}
@@ -212,7 +212,7 @@ def _tiny_notebook(path, body):
 
 
 @pytest.mark.slow
-def test_runner_names_the_failing_notebook_and_cell_then_resumes(tmp_path, monkeypatch):
+def test_runner_names_the_failing_notebook_and_cell_then_resumes(tmp_path, monkeypatch, capfd):
     nbdir, flag = tmp_path / "nbs", tmp_path / "flag"
     nbdir.mkdir()
     _tiny_notebook(nbdir / "00_first.ipynb", f"open({str(tmp_path / 'count')!r}, 'a').write('x')")
@@ -220,16 +220,39 @@ def test_runner_names_the_failing_notebook_and_cell_then_resumes(tmp_path, monke
     monkeypatch.setattr(study, "NOTEBOOK_DIR", nbdir)
     P = study.StudyParams(profile="t", results_dir=str(tmp_path / "out"), runs_dir=str(tmp_path / "runs"))
     with pytest.raises(RuntimeError, match=r"notebook 01_second.ipynb failed in cell 3 .*AssertionError: flag missing"):
-        study.run_profile(P)
+        runner.run_profile(P, train=False)
     assert (tmp_path / "out" / "01_second.ipynb").exists()  # the executed notebook shows the error
+    said = capfd.readouterr()  # the file descriptors: the kernel's own stderr too
+    assert "[study] notebook 1/2: 00_first.ipynb" in said.out and "time left estimated once" in said.out
+    assert "[study] notebook 2/2: 01_second.ipynb" in said.out and "min left)" in said.out
+    assert "without encryption" not in said.out + said.err  # the kernel runs over a local socket
     flag.write_text("")
-    summary = study.run_profile(P)  # resumes: the first notebook is not executed again
+    summary = runner.run_profile(P, train=False)  # resumes: the first notebook is not executed again
     assert (tmp_path / "count").read_text() == "x"
     assert summary.read_text().startswith("# Study summary: profile `t`")
     state = json.loads((tmp_path / "out" / "state.json").read_text())
     assert set(state) == {"00_first.ipynb", "01_second.ipynb"}
-    study.run_profile(P, force=True)
+    runner.run_profile(P, force=True, train=False)
     assert (tmp_path / "count").read_text() == "xx"
+
+
+def test_the_runner_names_each_run_it_trains_and_estimates_the_time_left(tmp_path, monkeypatch, capsys):
+    P = study.StudyParams(runs_dir=str(tmp_path), methods=("jit", "repa"), progress=False)
+    done = study.run_dir(P, "jit", P.low_res, 0)
+    done.mkdir(parents=True)
+    (done / "done.json").write_text("{}")
+    trained = []
+    monkeypatch.setattr(study, "ensure_run", lambda P, m, res, seed, wait=True: trained.append((m, res)) or tmp_path)
+    clock = runner.Clock()
+    runner.train_runs(P, clock)
+    said = capsys.readouterr().out
+    assert trained == [("jit", 32), ("repa", 32), ("jit", 64), ("repa", 64)]  # the finished one: evaluations only
+    assert "run 1/4" not in said and "[study] run 2/4: repa at 32 px, seed 0" in said
+    assert "run 2/4: repa at 32 px, seed 0 (0.0 min so far, time left estimated once" in said
+    assert "[study] run 4/4: repa at 64 px, seed 0 (0.0 min so far, about 0.0 min left)" in said
+    assert len(clock.took["run"]) == 3
+    clock.took["run"] = [60.0, 120.0]
+    assert clock.status({"run": 3, "notebook": 0}).endswith("about 4.5 min left")
 
 
 def test_dose_arms_scale_the_papers_coefficient_and_train_with_their_own_seeds():
