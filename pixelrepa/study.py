@@ -346,19 +346,23 @@ def ensure_evals(P: StudyParams, out: Path) -> list[dict]:
         # The memorisation check compares with as many training images as there are held-out ones: a
         # fixed random draw of the run's training images, so only those need Inception features.
         n_held = len(load_dataset(P.dataset, res, "eval", cfg.data_dir, progress=False))
+        n_held = min(P.eval_real or n_held, n_held)
         pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(P.eval_seed))[:n_held]
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(P.dataset)).name)
         train_features = metrics.image_features(ds.images[pick], f"{slug}-{res}px-train{len(pick)}",
                                                 data_dir=cfg.data_dir, device=device)
-    for step, sseed in todo:
+    net, at = None, None  # the model loaded, and its step: each checkpoint is read once
+    for step, sseed in sorted(todo):  # the end last: the diagnostics below use it too
         print(f"[study] {out.name}: scoring step {step}, {P.final_samples} samples, sampling seed {sseed}", flush=True)
-        net, _ = load_jit(out / f"ckpt-{step:08d}.pt", device=device)
+        if at != step:
+            (net, _), at = load_jit(out / f"ckpt-{step:08d}.pt", device=device), step
         m = metrics.evaluate_model(net, dataset=P.dataset, resolution=res, num_classes=ds.num_classes,
                                    n=P.final_samples, sampler=scfg, sample_seed=sseed, data_dir=cfg.data_dir,
                                    n_real=P.eval_real, device=device,
                                    train_features=train_features if step == P.steps else None)
         add({"kind": "score", "step": step, **m})
-    net, _ = load_jit(out, device=device)
+    if at != P.steps:
+        net, _ = load_jit(out / f"ckpt-{P.steps:08d}.pt", device=device)
     if need_subset:
         print(f"[study] {out.name}: feature-hacking subsets", flush=True)
         dcfg = diagnostics.DiagnosticConfig(n_per_class=P.hack_per_class, t=P.hack_t, steps=P.hack_steps,
@@ -444,6 +448,10 @@ def study_data(P: StudyParams, resolution: int):
     return ds, feats[0]
 
 
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns
+
+
 def collect_runs(P: StudyParams) -> None:
     """Copy each finished run's small results (training log, evaluation records, config, sample grid)
     next to the notebooks, where they are committed: every table is computed from these copies."""
@@ -454,8 +462,9 @@ def collect_runs(P: StudyParams) -> None:
         dst = P.results / "runs" / src.name
         dst.mkdir(parents=True, exist_ok=True)
         for name in ("metrics.jsonl", "evals.jsonl", "config.json", "samples.png", "done.json"):
-            if (src / name).exists():
-                shutil.copy2(src / name, dst / name)
+            a, b = src / name, dst / name
+            if a.exists() and not (b.exists() and _same_file(a.stat(), b.stat())):
+                shutil.copy2(a, b)  # keeps the time stamp: copied once, however often asked
 
 
 

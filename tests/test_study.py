@@ -274,3 +274,25 @@ def test_curves_name_each_method_once_in_the_legend_even_when_a_panel_lacks_it()
     legend = [t.name for t in fig.data if t.showlegend]
     assert legend == ["JiT", "JiT + REPA", "PixelREPA (MTA)"]
     assert all(t.mode == "lines" for t in fig.data if t.fill == "toself")  # seed bands draw no markers
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_scored_at_its_end_and_half_way_each_checkpoint_read_once(tmp_path, monkeypatch):
+    """ensure_evals: the end score with the memorisation check (against a fixed draw of the run's own
+    training images, as many as the reference's held-out ones at most), the half-way score of a half_scores arm, the
+    records appended to evals.jsonl; asked again, nothing is recomputed."""
+    import dataclasses
+    P = dataclasses.replace(study.load_profile("smoke"), methods=["jit"], steps=10, eval_every=10, eval_samples=4,
+                            final_samples=6, half_scores=["jit"], probe_images=0,  # subsets: high_res only
+                            runs_dir=str(tmp_path))
+    loaded = []
+    real_load = study.load_jit
+    monkeypatch.setattr(study, "load_jit", lambda path, **k: loaded.append(path.name) or real_load(path, **k))
+    out = study.ensure_run(P, "jit", P.low_res, 0)
+    recs = stats.read_jsonl(out / "evals.jsonl")
+    assert [(r["kind"], r["step"], r["n"], r["sample_seed"]) for r in recs] == [("score", 5, 6, 2026), ("score", 10, 6, 2026)]
+    assert loaded == ["ckpt-00000005.pt", "ckpt-00000010.pt"]
+    assert "nn_ratio" in recs[1] and "nn_ratio" not in recs[0] and recs[1]["nn_n"] == min(P.train_images, P.eval_real)
+    assert recs[1]["fid"] > 0 and recs[1]["reference"].startswith("openclipart eval split at 32 px")
+    study.ensure_run(P, "jit", P.low_res, 0)
+    assert len(stats.read_jsonl(out / "evals.jsonl")) == 2 and len(loaded) == 2
