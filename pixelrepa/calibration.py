@@ -134,7 +134,8 @@ def main(argv=None):
             floor(P, res, path)
         if a.part in ("sampling", "all"):
             sampling(P, res, path, step=a.step)
-    table = stats.rounded(stats.calibration_table(stats.read_jsonl(path)), 4)
+    runs = stats.load_runs(P.results / "runs") if (P.results / "runs").exists() else None
+    table = stats.rounded(stats.calibration_table(stats.read_jsonl(path), runs, P.steps), 4)
     atomic_write_text(path.parent / "table.json", json.dumps(table, indent=1) + "\n")
     print(json.dumps(table, indent=1))
 

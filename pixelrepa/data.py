@@ -17,6 +17,8 @@ import hashlib
 import multiprocessing as mp
 import os
 import warnings
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -234,6 +236,24 @@ def _decode_task(task: tuple[str, int]) -> np.ndarray | str:
         return f"{type(err).__name__}: {err}"
 
 
+def _decode_all(tasks: list[tuple[str, int]]) -> Iterator[np.ndarray | str]:
+    """`_decode_task` of every task, in order, on BUILD_WORKERS processes. A worker killed mid-way (the
+    kernel's out-of-memory killer, on a huge image while other jobs hold memory) breaks the pool: what
+    is left is then decoded here, one image at a time, instead of hanging or losing the work done."""
+    done = 0
+    if BUILD_WORKERS > 1 and len(tasks) >= 64:
+        try:
+            with ProcessPoolExecutor(BUILD_WORKERS, mp_context=mp.get_context()) as pool:
+                for res in pool.map(_decode_task, tasks, chunksize=4):
+                    yield res
+                    done += 1
+        except BrokenProcessPool:
+            warnings.warn(f"openclipart: a decoding process died after {done} of {len(tasks)} images (out of "
+                          f"memory?); decoding the rest in this process", stacklevel=3)
+    for task in tasks[done:]:
+        yield _decode_task(task)
+
+
 def _hash_rank_split(labels: list[int], keys: list[str], num_classes: int) -> dict[str, torch.Tensor]:
     """Per class, hold out the EVAL_FRACTION items with the smallest sha1(relative path):
     a pure function of the file names, so it never depends on scan or worker order."""
@@ -254,19 +274,13 @@ def _build_openclipart(resolution: int, progress: bool) -> dict:
     images = torch.empty(len(items), 3, resolution, resolution, dtype=torch.uint8)
     ok, bad = [], []
     bar = tqdm(total=len(tasks), desc=f"openclipart {resolution}px", unit="img", disable=not progress)
-    with contextlib.ExitStack() as stack:
-        if BUILD_WORKERS > 1 and len(tasks) >= 64:
-            pool = stack.enter_context(mp.get_context().Pool(BUILD_WORKERS))
-            results = pool.imap(_decode_task, tasks, chunksize=4)
+    for i, res in enumerate(_decode_all(tasks)):
+        if isinstance(res, str):
+            bad.append(f"{items[i][0]} ({res})")
         else:
-            results = map(_decode_task, tasks)
-        for i, res in enumerate(results):
-            if isinstance(res, str):
-                bad.append(f"{items[i][0]} ({res})")
-            else:
-                images[len(ok)] = torch.from_numpy(res).permute(2, 0, 1)
-                ok.append(i)
-            bar.update()
+            images[len(ok)] = torch.from_numpy(res).permute(2, 0, 1)
+            ok.append(i)
+        bar.update()
     bar.close()
     if bad:
         warnings.warn(f"openclipart: skipped {len(bad)} unreadable image(s) of {len(items)}, e.g. "

@@ -1,4 +1,4 @@
-"""The study: one parameter set per profile, the training runs the notebooks share, and the runner.
+"""The study: one parameter set per profile, and the training runs the notebooks share.
 
     python -m pixelrepa.study --profile quick          # what `make study` runs
     python -m pixelrepa.study --profile cpu --train-only   # only the training runs, resumable
@@ -7,15 +7,14 @@ A profile is a papermill parameter file, ``papermill_runs/profiles/<name>.yaml``
 the ``StudyParams`` fields. Every notebook opens with the same ``parameters`` cell and turns it into a
 ``StudyParams``; a training run is named by (method, resolution, seed) and trained once under
 ``runs_dir/<profile>/``, whichever notebook asks first (later ones, and reruns, find it finished). The
-runner executes the notebooks in order into ``papermill_runs/<profile>/``, skips those already done
-with the same parameters, and ends with ``SUMMARY.md`` (static figures and the FID table).
+runner (`runner.py`) trains the runs, executes the notebooks in order into ``papermill_runs/<profile>/``,
+skips those already done with the same parameters, and ends with ``SUMMARY.md``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -347,19 +346,23 @@ def ensure_evals(P: StudyParams, out: Path) -> list[dict]:
         # The memorisation check compares with as many training images as there are held-out ones: a
         # fixed random draw of the run's training images, so only those need Inception features.
         n_held = len(load_dataset(P.dataset, res, "eval", cfg.data_dir, progress=False))
+        n_held = min(P.eval_real or n_held, n_held)
         pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(P.eval_seed))[:n_held]
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(P.dataset)).name)
         train_features = metrics.image_features(ds.images[pick], f"{slug}-{res}px-train{len(pick)}",
                                                 data_dir=cfg.data_dir, device=device)
-    for step, sseed in todo:
+    net, at = None, None  # the model loaded, and its step: each checkpoint is read once
+    for step, sseed in sorted(todo):  # the end last: the diagnostics below use it too
         print(f"[study] {out.name}: scoring step {step}, {P.final_samples} samples, sampling seed {sseed}", flush=True)
-        net, _ = load_jit(out / f"ckpt-{step:08d}.pt", device=device)
+        if at != step:
+            (net, _), at = load_jit(out / f"ckpt-{step:08d}.pt", device=device), step
         m = metrics.evaluate_model(net, dataset=P.dataset, resolution=res, num_classes=ds.num_classes,
                                    n=P.final_samples, sampler=scfg, sample_seed=sseed, data_dir=cfg.data_dir,
                                    n_real=P.eval_real, device=device,
                                    train_features=train_features if step == P.steps else None)
         add({"kind": "score", "step": step, **m})
-    net, _ = load_jit(out, device=device)
+    if at != P.steps:
+        net, _ = load_jit(out / f"ckpt-{P.steps:08d}.pt", device=device)
     if need_subset:
         print(f"[study] {out.name}: feature-hacking subsets", flush=True)
         dcfg = diagnostics.DiagnosticConfig(n_per_class=P.hack_per_class, t=P.hack_t, steps=P.hack_steps,
@@ -384,16 +387,6 @@ def parse_run(name: str) -> tuple[str, int, int]:
     if not m:
         raise ValueError(f"{name!r} is not a run directory name (<arm>-<res>px-s<seed>)")
     return m["arm"], int(m["res"]), int(m["seed"])
-
-
-def train_all(P: StudyParams) -> None:
-    """Train every run of the plan, skipping any that another worker holds (a lock file per run, let go
-    when its process ends, however it ends): start several of these to share the plan."""
-    runs = plan(P)
-    for k, (m, res, seed) in enumerate(runs):
-        print(f"[study] run {k + 1}/{len(runs)}: {m} at {res}px, seed {seed}", flush=True)
-        if ensure_run(P, m, res, seed, wait=False) is None:
-            print(f"[study] run {k + 1}/{len(runs)} is held by another worker", flush=True)
 
 
 def arm_seeds(P: StudyParams, arm: str) -> tuple[int, ...]:
@@ -455,71 +448,8 @@ def study_data(P: StudyParams, resolution: int):
     return ds, feats[0]
 
 
-# ----------------------------------------------------------------------------- the runner
-
-def notebooks() -> list[Path]:
-    return sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
-
-
-def check_notebook_parameters(nbs: list[Path]) -> None:
-    """Every notebook's parameters cell must define every StudyParams field, and nothing else."""
-    import papermill as pm
-    fields = {f.name for f in dataclasses.fields(StudyParams)}
-    for nb in nbs:
-        names = set(pm.inspect_notebook(str(nb)))
-        if names != fields:
-            raise ValueError(f"{nb.name}: its parameters cell defines {sorted(names - fields)} extra and lacks "
-                             f"{sorted(fields - names)}")
-
-
-def _digest(*parts: bytes) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p)
-    return h.hexdigest()[:16]
-
-
-def run_profile(P: StudyParams, only: list[str] | None = None, force: bool = False) -> Path:
-    """Execute the notebooks in order into the results folder; resume where an earlier call stopped."""
-    import papermill as pm
-    nbs = [nb for nb in notebooks() if not only or any(nb.name.startswith(o) for o in only)]
-    if not nbs:
-        raise ValueError(f"no notebook matches {only}; notebooks: {[nb.name for nb in notebooks()]}")
-    check_notebook_parameters(nbs)
-    out = P.results
-    out.mkdir(parents=True, exist_ok=True)
-    state_path = out / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
-    params = asdict(P)
-    params = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
-    key_params = json.dumps({k: v for k, v in params.items() if k != "progress"}, sort_keys=True).encode()
-    for nb in nbs:
-        key = _digest(key_params, nb.read_bytes())
-        target = out / nb.name
-        if not force and state.get(nb.name) == key and target.exists():
-            print(f"[study] {nb.name}: done earlier with these parameters, skipped")
-            continue
-        print(f"[study] {nb.name} -> {target}", flush=True)
-        try:
-            pm.execute_notebook(str(nb), str(target), parameters=params, cwd=str(NOTEBOOK_DIR),
-                                kernel_name="python3", progress_bar=False, log_output=False)
-        except pm.PapermillExecutionError as err:
-            raise RuntimeError(f"notebook {nb.name} failed in cell {err.cell_index + 1} (counting from 1 in the "
-                               f"executed notebook, papermill's injected-parameters cell included; execution "
-                               f"count {err.exec_count}): {err.ename}: {err.evalue}; the executed notebook, error "
-                               f"included, is {target}; rerun to resume from this notebook") from None
-        _drop_widget_state(target)
-        state[nb.name] = key
-        atomic_write_text(state_path, json.dumps(state, indent=1))
-    return write_summary(P)
-
-
-def _drop_widget_state(path: Path) -> None:
-    """An executed notebook without its widgets' saved state (megabytes of plotly data per explorer):
-    the explorers rebuild it when the notebook is run."""
-    nb = json.loads(path.read_text())
-    if nb.get("metadata", {}).pop("widgets", None) is not None:
-        atomic_write_text(path, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns
 
 
 def collect_runs(P: StudyParams) -> None:
@@ -532,48 +462,10 @@ def collect_runs(P: StudyParams) -> None:
         dst = P.results / "runs" / src.name
         dst.mkdir(parents=True, exist_ok=True)
         for name in ("metrics.jsonl", "evals.jsonl", "config.json", "samples.png", "done.json"):
-            if (src / name).exists():
-                shutil.copy2(src / name, dst / name)
+            a, b = src / name, dst / name
+            if a.exists() and not (b.exists() and _same_file(a.stat(), b.stat())):
+                shutil.copy2(a, b)  # keeps the time stamp: copied once, however often asked
 
-
-def write_summary(P: StudyParams) -> Path:
-    """SUMMARY.md: the verdicts, the end scores and every comparison, from `write_tables`, then the figures."""
-    t = write_tables(P)
-    lines = [f"# Study summary: profile `{P.profile}`", "",
-             f"Executed notebooks, figures and tables in this folder; run logs under `runs/`. Parameters: "
-             f"`papermill_runs/profiles/{P.profile}.yaml`. Every number here is computed from the run logs by "
-             f"`pixelrepa.stats` (README, Protocol).", ""]
-    if t["verdicts"]:
-        lines += ["## Verdicts", ""] + [f"- **{v['claim']}. {v['title']}**: {v['verdict']} ({v['evidence']})"
-                                        for v in t["verdicts"]] + [""]
-    for name, title in (("final", "End scores (mean and 95% t-interval over seeds)"),
-                        ("components", "Comparisons (FID differences paired by seed; p-values Holm-adjusted)"),
-                        ("dose", "Dose-response arms (secondary)"), ("probe", "Pixel probe and CKA (secondary)"),
-                        ("memorisation", "Memorisation check"), ("subsets", "Feature-hacking subset FID"),
-                        ("floors", "Floors used (real-vs-reference FID at the evaluation's N)")):
-        rows = t.get(name) or []
-        if rows:
-            cols = SUMMARY_COLUMNS.get(name) or list(rows[0])
-            lines += [f"## {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-            lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows] + [""]
-    figs = sorted((P.results / "figures").glob("*.png")) if (P.results / "figures").exists() else []
-    if figs:
-        lines += ["## Figures", ""] + [f"![{f.stem}](figures/{f.name})" for f in figs] + [""]
-    path = P.results / "SUMMARY.md"
-    atomic_write_text(path, "\n".join(lines))
-    print(f"[study] summary: {path}")
-    return path
-
-
-SUMMARY_COLUMNS = {"components": ["claim", "component", "n_seeds", "diff", "lo", "hi", "margin", "mde", "pooled",
-                                  "p_paper_holm", "p_other_holm", "p_equiv_holm", "outcome"],
-                   "dose": ["a", "b", "where", "n_seeds", "diff", "lo", "hi", "mde", "p_paper", "p_other"]}
-
-
-def _fmt(v):
-    if isinstance(v, float):
-        return "-" if v != v else (f"{v:.1e}" if 0 < abs(v) < 0.01 else f"{v:.2f}")
-    return "-" if v is None else str(v)
 
 
 def main(argv=None):
@@ -591,11 +483,12 @@ def main(argv=None):
     except ValueError as err:
         p.error(str(err))
     print(P, flush=True)
+    from . import runner
     try:
         if a.train_only:
-            train_all(P)
+            runner.train_runs(P, runner.Clock(), wait=False)
         else:
-            run_profile(P, a.notebooks, a.force)
+            runner.run_profile(P, a.notebooks, a.force)
     except (RuntimeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -450,3 +450,24 @@ def test_real_fashion_mnist_counts():
     img, label = train[0]
     assert img.shape == (3, 32, 32) and img.dtype == torch.uint8 and label == 9  # first item: ankle boot
     assert torch.equal(img[0], img[1]) and torch.equal(img[1], img[2])
+
+
+_PARENT = os.getpid()
+
+
+def _dying_decode(task):  # module level: the pool pickles it by name
+    if task[0] == "boom" and os.getpid() != _PARENT:
+        os._exit(9)  # as if killed
+    return np.full((1, 1, 3), task[1], dtype=np.uint8)
+
+
+def test_a_decoding_process_killed_midway_loses_nothing(monkeypatch):
+    """The out-of-memory killer taking a pool worker (seen on a huge openclipart image while training
+    jobs held memory) used to hang the cache build forever; now the rest is decoded in-process."""
+    monkeypatch.setattr(data, "_decode_task", _dying_decode)
+    monkeypatch.setattr(data, "BUILD_WORKERS", 2)
+    tasks = [(f"f{i}", i) for i in range(100)]
+    tasks[70] = ("boom", 70)
+    with pytest.warns(UserWarning, match="a decoding process died"):
+        got = list(data._decode_all(tasks))
+    assert [int(a[0, 0, 0]) for a in got] == list(range(100))

@@ -1,6 +1,8 @@
 """The study's evaluation: one class mix on both sides, scores through torch-fidelity from features,
 the memorisation check, the calibration's floor records."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -116,3 +118,18 @@ def test_image_features_are_cached_by_their_pixels(tmp_path, monkeypatch):
     b[0, 0, 0, 0] ^= 1
     other = metrics.image_features(b, "toy-train5", data_dir=tmp_path)  # other pixels, same name: recomputed
     assert calls == [5, 5] and not torch.equal(other, first)
+
+
+def test_calibration_table_uses_the_latest_checkpoint_and_subtracts_the_estimation_noise():
+    recs = [{"kind": "floor", "resolution": 32, "n": 4, "fid": f, "kid_mean": 0.0} for f in (1.0, 3.0)]
+    recs += [{"kind": "sampling", "resolution": 32, "n": 4, "step": 600, "fid": f} for f in (10.0, 20.0)]
+    recs += [{"kind": "sampling", "resolution": 32, "n": 4, "step": 1200, "fid": f} for f in (5.0, 7.0, 9.0)]
+    runs = [{"arm": "jit", "resolution": 32, "seed": s, "metrics": [],
+             "evals": [{"kind": "score", "step": 1200, "n": 4, "fid": f}]} for s, f in enumerate((3.0, 7.0, 11.0))]
+    (row,) = stats.calibration_table(recs, runs, 1200)
+    assert row["floor_fid"] == 2.0 and row["sampling_step"] == 1200 and row["sampling_seeds"] == 3
+    assert row["model_fid"] == 7.0 and row["estimation_sd"] == pytest.approx(2.0)  # step 600's seeds left out
+    # seed-to-seed variance 16 = training + estimation (4): training SD sqrt(12)
+    assert row["seed_sd"] == pytest.approx(4.0) and row["training_sd"] == pytest.approx(12 ** 0.5)
+    noisy = [dict(r, fid=r["fid"] * 10) if r.get("step") == 1200 else r for r in recs]
+    assert math.isnan(stats.calibration_table(noisy, runs, 1200)[0]["training_sd"])  # more noise than spread

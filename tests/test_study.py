@@ -8,9 +8,9 @@ import papermill as pm
 import pytest
 
 from conftest import PYTHON, run_env
-from pixelrepa import stats, study
+from pixelrepa import runner, stats, study
 
-NOTEBOOKS = study.notebooks()
+NOTEBOOKS = runner.notebooks()
 
 
 def test_every_profile_loads_and_the_notebooks_exist():
@@ -26,7 +26,7 @@ def test_every_profile_loads_and_the_notebooks_exist():
 def test_every_notebook_accepts_every_profile(nb, tmp_path):
     """papermill injects each profile into the notebook; running the parameters cells then building the
     config gives exactly the profile's StudyParams (nothing dropped, nothing mistyped)."""
-    study.check_notebook_parameters([nb])
+    runner.check_notebook_parameters([nb])
     for name in study.profiles():
         params = {k: list(v) if isinstance(v, tuple) else v
                   for k, v in study.asdict(study.load_profile(name)).items()}
@@ -212,7 +212,7 @@ def _tiny_notebook(path, body):
 
 
 @pytest.mark.slow
-def test_runner_names_the_failing_notebook_and_cell_then_resumes(tmp_path, monkeypatch):
+def test_runner_names_the_failing_notebook_and_cell_then_resumes(tmp_path, monkeypatch, capfd):
     nbdir, flag = tmp_path / "nbs", tmp_path / "flag"
     nbdir.mkdir()
     _tiny_notebook(nbdir / "00_first.ipynb", f"open({str(tmp_path / 'count')!r}, 'a').write('x')")
@@ -220,16 +220,39 @@ def test_runner_names_the_failing_notebook_and_cell_then_resumes(tmp_path, monke
     monkeypatch.setattr(study, "NOTEBOOK_DIR", nbdir)
     P = study.StudyParams(profile="t", results_dir=str(tmp_path / "out"), runs_dir=str(tmp_path / "runs"))
     with pytest.raises(RuntimeError, match=r"notebook 01_second.ipynb failed in cell 3 .*AssertionError: flag missing"):
-        study.run_profile(P)
+        runner.run_profile(P, train=False)
     assert (tmp_path / "out" / "01_second.ipynb").exists()  # the executed notebook shows the error
+    said = capfd.readouterr()  # the file descriptors: the kernel's own stderr too
+    assert "[study] notebook 1/2: 00_first.ipynb" in said.out and "time left estimated once" in said.out
+    assert "[study] notebook 2/2: 01_second.ipynb" in said.out and "min left)" in said.out
+    assert "without encryption" not in said.out + said.err  # the kernel runs over a local socket
     flag.write_text("")
-    summary = study.run_profile(P)  # resumes: the first notebook is not executed again
+    summary = runner.run_profile(P, train=False)  # resumes: the first notebook is not executed again
     assert (tmp_path / "count").read_text() == "x"
     assert summary.read_text().startswith("# Study summary: profile `t`")
     state = json.loads((tmp_path / "out" / "state.json").read_text())
     assert set(state) == {"00_first.ipynb", "01_second.ipynb"}
-    study.run_profile(P, force=True)
+    runner.run_profile(P, force=True, train=False)
     assert (tmp_path / "count").read_text() == "xx"
+
+
+def test_the_runner_names_each_run_it_trains_and_estimates_the_time_left(tmp_path, monkeypatch, capsys):
+    P = study.StudyParams(runs_dir=str(tmp_path), methods=("jit", "repa"), progress=False)
+    done = study.run_dir(P, "jit", P.low_res, 0)
+    done.mkdir(parents=True)
+    (done / "done.json").write_text("{}")
+    trained = []
+    monkeypatch.setattr(study, "ensure_run", lambda P, m, res, seed, wait=True: trained.append((m, res)) or tmp_path)
+    clock = runner.Clock()
+    runner.train_runs(P, clock)
+    said = capsys.readouterr().out
+    assert trained == [("jit", 32), ("repa", 32), ("jit", 64), ("repa", 64)]  # the finished one: evaluations only
+    assert "run 1/4" not in said and "[study] run 2/4: repa at 32 px, seed 0" in said
+    assert "run 2/4: repa at 32 px, seed 0 (0.0 min so far, time left estimated once" in said
+    assert "[study] run 4/4: repa at 64 px, seed 0 (0.0 min so far, about 0.0 min left)" in said
+    assert len(clock.took["run"]) == 3
+    clock.took["run"] = [60.0, 120.0]
+    assert clock.status({"run": 3, "notebook": 0}).endswith("about 4.5 min left")
 
 
 def test_dose_arms_scale_the_papers_coefficient_and_train_with_their_own_seeds():
@@ -251,3 +274,25 @@ def test_curves_name_each_method_once_in_the_legend_even_when_a_panel_lacks_it()
     legend = [t.name for t in fig.data if t.showlegend]
     assert legend == ["JiT", "JiT + REPA", "PixelREPA (MTA)"]
     assert all(t.mode == "lines" for t in fig.data if t.fill == "toself")  # seed bands draw no markers
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_scored_at_its_end_and_half_way_each_checkpoint_read_once(tmp_path, monkeypatch):
+    """ensure_evals: the end score with the memorisation check (against a fixed draw of the run's own
+    training images, as many as the reference's held-out ones at most), the half-way score of a half_scores arm, the
+    records appended to evals.jsonl; asked again, nothing is recomputed."""
+    import dataclasses
+    P = dataclasses.replace(study.load_profile("smoke"), methods=["jit"], steps=10, eval_every=10, eval_samples=4,
+                            final_samples=6, half_scores=["jit"], probe_images=0,  # subsets: high_res only
+                            runs_dir=str(tmp_path))
+    loaded = []
+    real_load = study.load_jit
+    monkeypatch.setattr(study, "load_jit", lambda path, **k: loaded.append(path.name) or real_load(path, **k))
+    out = study.ensure_run(P, "jit", P.low_res, 0)
+    recs = stats.read_jsonl(out / "evals.jsonl")
+    assert [(r["kind"], r["step"], r["n"], r["sample_seed"]) for r in recs] == [("score", 5, 6, 2026), ("score", 10, 6, 2026)]
+    assert loaded == ["ckpt-00000005.pt", "ckpt-00000010.pt"]
+    assert "nn_ratio" in recs[1] and "nn_ratio" not in recs[0] and recs[1]["nn_n"] == min(P.train_images, P.eval_real)
+    assert recs[1]["fid"] > 0 and recs[1]["reference"].startswith("openclipart eval split at 32 px")
+    study.ensure_run(P, "jit", P.low_res, 0)
+    assert len(stats.read_jsonl(out / "evals.jsonl")) == 2 and len(loaded) == 2

@@ -1,0 +1,200 @@
+"""The runner: a profile's training runs, then its notebooks executed in order by papermill into
+``papermill_runs/<profile>/`` (resumable: a notebook done earlier with the same parameters is skipped),
+then ``SUMMARY.md``. The terminal shows what is happening the whole time: the run being trained (method,
+resolution, seed, its step out of the total) and the notebook being executed, each with the time the
+profile has taken and an estimate of what is left; the notebooks themselves keep their outputs clean.
+
+    python -m pixelrepa.study --profile quick      # the command line (study.main)
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from jupyter_client.manager import AsyncKernelManager
+
+from . import study
+from .storage import atomic_write_text
+
+
+def notebooks() -> list[Path]:
+    return sorted(study.NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+
+
+def check_notebook_parameters(nbs: list[Path]) -> None:
+    """Every notebook's parameters cell must define every StudyParams field, and nothing else."""
+    import papermill as pm
+    fields = {f.name for f in dataclasses.fields(study.StudyParams)}
+    for nb in nbs:
+        names = set(pm.inspect_notebook(str(nb)))
+        if names != fields:
+            raise ValueError(f"{nb.name}: its parameters cell defines {sorted(names - fields)} extra and lacks "
+                             f"{sorted(fields - names)}")
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+    return h.hexdigest()[:16]
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+class Clock:
+    """The profile's elapsed time and an estimate of what is left: the mean duration of the tasks of a
+    kind measured so far, times the number of that kind still to do."""
+
+    def __init__(self) -> None:
+        self.start, self.took = time.monotonic(), {}
+
+    def done(self, kind: str, seconds: float) -> None:
+        self.took.setdefault(kind, []).append(seconds)
+
+    def status(self, left: dict[str, int]) -> str:
+        known = {k: n for k, n in left.items() if n}
+        if any(not self.took.get(k) for k in known):
+            tail = "time left estimated once one of each is done"
+        else:
+            tail = "about " + minutes(sum(n * sum(self.took[k]) / len(self.took[k]) for k, n in known.items())) + " left"
+        return f"{minutes(time.monotonic() - self.start)} so far, {tail}"
+
+
+def train_runs(P: study.StudyParams, clock: Clock, wait: bool = True) -> None:
+    """Train (and evaluate) every run of the plan in this process, printing which one and the profile's
+    time. With ``wait``, a run another process holds is waited for; without, it is skipped (workers
+    started alike share the plan that way)."""
+    runs = study.plan(P)
+    todo = [r for r in runs if not (study.run_dir(P, *r) / "done.json").exists()]
+    for k, (m, res, seed) in enumerate(runs):
+        if (m, res, seed) not in todo:
+            ensure = study.ensure_run(P, m, res, seed, wait=wait)  # finished: its evaluations, if missing
+            continue
+        todo.remove((m, res, seed))
+        print(f"[study] run {k + 1}/{len(runs)}: {m} at {res} px, seed {seed} "
+              f"({clock.status({'run': len(todo) + 1})})", flush=True)
+        t = time.monotonic()
+        ensure = study.ensure_run(P, m, res, seed, wait=wait)
+        if ensure is None:
+            print(f"[study] run {k + 1}/{len(runs)} is held by another worker", flush=True)
+        else:
+            clock.done("run", time.monotonic() - t)
+
+
+class _QuietKernelManager(AsyncKernelManager):
+    """The notebooks' kernel over a local socket (IPC transport): the TCP transport makes ipykernel print
+    a warning about unencrypted traffic into the user's terminal for every notebook."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        # the socket files are <ip>-<port>, removed with the kernel
+        self.transport, self.ip = "ipc", str(Path(tempfile.gettempdir()) / f"pixelrepa-kernel-{os.getpid()}-{id(self)}")
+
+
+def run_profile(P: study.StudyParams, only: list[str] | None = None, force: bool = False,
+                train: bool = True) -> Path:
+    """Train the profile's runs (with ``train``, when every notebook is asked for: in this process, with
+    progress), then execute the notebooks in order into the results folder; resume where an earlier
+    call stopped."""
+    import papermill as pm
+    nbs = [nb for nb in notebooks() if not only or any(nb.name.startswith(o) for o in only)]
+    if not nbs:
+        raise ValueError(f"no notebook matches {only}; notebooks: {[nb.name for nb in notebooks()]}")
+    check_notebook_parameters(nbs)
+    out = P.results
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    params = asdict(P)
+    params = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
+    key_params = json.dumps({k: v for k, v in params.items() if k != "progress"}, sort_keys=True).encode()
+    keys = {nb.name: _digest(key_params, nb.read_bytes()) for nb in nbs}
+    todo = [nb for nb in nbs if force or _key(state.get(nb.name)) != keys[nb.name] or not (out / nb.name).exists()]
+    clock = Clock()
+    if train and not only and todo:  # the notebooks would train these one by one, out of the terminal's sight
+        train_runs(P, clock)
+    for k, nb in enumerate(nbs):
+        target = out / nb.name
+        if nb not in todo:
+            print(f"[study] {nb.name}: done earlier with these parameters, skipped")
+            continue
+        todo.remove(nb)
+        print(f"[study] notebook {k + 1}/{len(nbs)}: {nb.name} -> {target} "
+              f"({clock.status({'notebook': len(todo) + 1})})", flush=True)
+        t = time.monotonic()
+        try:
+            pm.execute_notebook(str(nb), str(target), parameters=params, cwd=str(study.NOTEBOOK_DIR),
+                                kernel_name="python3", progress_bar=False, log_output=False,
+                                kernel_manager_class=_QuietKernelManager)
+        except pm.PapermillExecutionError as err:
+            raise RuntimeError(f"notebook {nb.name} failed in cell {err.cell_index + 1} (counting from 1 in the "
+                               f"executed notebook, papermill's injected-parameters cell included; execution "
+                               f"count {err.exec_count}): {err.ename}: {err.evalue}; the executed notebook, error "
+                               f"included, is {target}; rerun to resume from this notebook") from None
+        clock.done("notebook", time.monotonic() - t)
+        drop_widget_state(target)
+        state[nb.name] = {"key": keys[nb.name], "seconds": round(time.monotonic() - t, 1)}
+        atomic_write_text(state_path, json.dumps(state, indent=1))
+    print(f"[study] profile {P.profile} done in {minutes(time.monotonic() - clock.start)}", flush=True)
+    return write_summary(P)
+
+
+def _key(entry) -> str | None:
+    """A notebook's entry in state.json: its key (older files held only the key)."""
+    return entry.get("key") if isinstance(entry, dict) else entry
+
+
+def drop_widget_state(path: Path) -> None:
+    """An executed notebook without its widgets' saved state (megabytes of plotly data per explorer):
+    the explorers rebuild it when the notebook is run."""
+    nb = json.loads(path.read_text())
+    if nb.get("metadata", {}).pop("widgets", None) is not None:
+        atomic_write_text(path, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+
+
+def write_summary(P: StudyParams) -> Path:
+    """SUMMARY.md: the verdicts, the end scores and every comparison, from `write_tables`, then the figures."""
+    t = study.write_tables(P)
+    lines = [f"# Study summary: profile `{P.profile}`", "",
+             f"Executed notebooks, figures and tables in this folder; run logs under `runs/`. Parameters: "
+             f"`papermill_runs/profiles/{P.profile}.yaml`. Every number here is computed from the run logs by "
+             f"`pixelrepa.stats` (README, Protocol).", ""]
+    if t["verdicts"]:
+        lines += ["## Verdicts", ""] + [f"- **{v['claim']}. {v['title']}**: {v['verdict']} ({v['evidence']})"
+                                        for v in t["verdicts"]] + [""]
+    for name, title in (("final", "End scores (mean and 95% t-interval over seeds)"),
+                        ("components", "Comparisons (FID differences paired by seed; p-values Holm-adjusted)"),
+                        ("dose", "Dose-response arms (secondary)"), ("probe", "Pixel probe and CKA (secondary)"),
+                        ("memorisation", "Memorisation check"), ("subsets", "Feature-hacking subset FID"),
+                        ("floors", "Floors used (real-vs-reference FID at the evaluation's N)")):
+        rows = t.get(name) or []
+        if rows:
+            cols = SUMMARY_COLUMNS.get(name) or list(rows[0])
+            lines += [f"## {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows] + [""]
+    figs = sorted((P.results / "figures").glob("*.png")) if (P.results / "figures").exists() else []
+    if figs:
+        lines += ["## Figures", ""] + [f"![{f.stem}](figures/{f.name})" for f in figs] + [""]
+    path = P.results / "SUMMARY.md"
+    atomic_write_text(path, "\n".join(lines))
+    print(f"[study] summary: {path}")
+    return path
+
+
+SUMMARY_COLUMNS = {"components": ["claim", "component", "n_seeds", "diff", "lo", "hi", "margin", "mde", "pooled",
+                                  "p_paper_holm", "p_other_holm", "p_equiv_holm", "outcome"],
+                   "dose": ["a", "b", "where", "n_seeds", "diff", "lo", "hi", "mde", "p_paper", "p_other"]}
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return "-" if v != v else (f"{v:.1e}" if 0 < abs(v) < 0.01 else f"{v:.2f}")
+    return "-" if v is None else str(v)
