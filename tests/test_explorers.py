@@ -193,6 +193,12 @@ def test_explorer_notebook_runs_in_jupyterlab_and_follows_a_slider(tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
     nb_path = ROOT / NOTEBOOK
     original = nb_path.read_bytes()
+    # The notebook's runs, trained here first (into the output folder its kernel inherits), so that the
+    # deadline below times JupyterLab and the explorers, not training and the runs' evaluations (more
+    # than two minutes on two cores); the notebooks nbval executes afterwards reuse them.
+    P = study.load_profile("smoke")
+    for m in ("pixelrepa", "repa", "jit"):
+        study.ensure_run(P, m, P.high_res, P.seeds[0])
     port, token = _free_port(), secrets.token_hex(16)
     env = run_env()
     env.update(JUPYTERLAB_SETTINGS_DIR=str(_lab_settings(tmp_path / "settings")),
