@@ -160,15 +160,66 @@ def drop_widget_state(path: Path) -> None:
         atomic_write_text(path, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
 
+# The profile whose committed verdicts open every other profile's summary: what the study found.
+HEADLINE = "decisive"
+
+
+def headline(t: dict, ref: dict, ref_name: str, finished: int, planned: int, figures=()) -> list[str]:
+    """The opening of a summary: the ``ref_name`` profile's verdicts (its tables ``ref``, from its
+    committed run logs, ``finished`` of ``planned`` runs) with its figures, then this profile's
+    comparisons (its tables ``t``) beside the reference's 95% intervals: inside, outside, or no
+    interval where the reference has fewer than two seeds of that comparison."""
+    lines = [f"## What the study found: the `{ref_name}` protocol ({finished} of {planned} runs finished)", "",
+             f"Its verdicts (README, Protocol), computed from its run logs under `papermill_runs/{ref_name}/runs/`:", ""]
+    lines += [f"- **{v['claim']}. {v['title']}**: " + ("no runs of it finished yet" if v["verdict"] == "not run"
+                                                         else f"{v['verdict']} ({v['evidence']})")
+              for v in ref["verdicts"]] + [""]
+    lines += [f"![{Path(f).stem}]({f})" for f in figures] + ([""] if figures else [])
+    pairs = [(c, r) for c, r in zip(t["components"], ref["components"])
+             if (c["claim"], c["a"], c["b"], c["where"]) == (r["claim"], r["a"], r["b"], r["where"])]
+    if not pairs:
+        return lines
+    lines += [f"## This run beside the `{ref_name}` protocol", "",
+              f"Each comparison of this profile (at its own end of training) against the `{ref_name}` profile's "
+              f"mean and 95% interval over seeds (at its end): a small profile's difference inside the interval "
+              f"agrees with it; outside, it does not (fewer steps or seeds can move it).", "",
+              f"| claim | comparison | `{ref_name}`: diff [95% interval], seeds | this run: diff, seeds | inside |",
+              "|---|---|---|---|---|"]
+    for c, r in pairs:
+        has_interval = r["n_seeds"] >= 2 and r["lo"] == r["lo"]
+        inside = "-" if not has_interval or c["n_seeds"] == 0 else ("yes" if r["lo"] <= c["diff"] <= r["hi"] else "no")
+        ref_cell = (f"{_fmt(r['diff'])} [{_fmt(r['lo'])}, {_fmt(r['hi'])}], {r['n_seeds']}" if has_interval
+                    else f"{_fmt(r['diff'])} (no interval), {r['n_seeds']}")
+        lines.append(f"| {c['claim']} | {c['component']} | {ref_cell} | {_fmt(c['diff'])}, {c['n_seeds']} | {inside} |")
+    return lines + [""]
+
+
+def _headline_of(P: StudyParams, t: dict) -> list[str]:
+    """`headline` for a profile other than HEADLINE, from HEADLINE's committed run logs (none: nothing)."""
+    if P.profile == HEADLINE:
+        return []
+    # its committed copy in the repository, wherever this profile's outputs go
+    H = dataclasses.replace(study.load_profile(HEADLINE), results_dir=str(study.ROOT / "papermill_runs" / HEADLINE))
+    if not list((H.results / "runs").glob("*/done.json")):
+        return []
+    ref = study.tables(H, collect=False)
+    finished = len(list((H.results / "runs").glob("*/done.json")))
+    figures = [os.path.relpath(f, P.results) for f in sorted((H.results / "figures").glob("*.png"))]
+    return headline(t, ref, HEADLINE, finished, len(study.plan(H)), figures)
+
+
 def write_summary(P: StudyParams) -> Path:
-    """SUMMARY.md: the verdicts, the end scores and every comparison, from `write_tables`, then the figures."""
+    """SUMMARY.md: what the study found (the HEADLINE profile's verdicts, this profile's comparisons
+    beside them), then this profile's verdicts, end scores and every comparison, from `write_tables`,
+    then its figures."""
     t = study.write_tables(P)
     lines = [f"# Study summary: profile `{P.profile}`", "",
              f"Executed notebooks, figures and tables in this folder; run logs under `runs/`. Parameters: "
              f"`papermill_runs/profiles/{P.profile}.yaml`. Every number here is computed from the run logs by "
              f"`pixelrepa.stats` (README, Protocol).", ""]
+    lines += _headline_of(P, t)
     if t["verdicts"]:
-        lines += ["## Verdicts", ""] + [f"- **{v['claim']}. {v['title']}**: {v['verdict']} ({v['evidence']})"
+        lines += [f"## Verdicts of this profile (`{P.profile}`)", ""] + [f"- **{v['claim']}. {v['title']}**: {v['verdict']} ({v['evidence']})"
                                         for v in t["verdicts"]] + [""]
     for name, title in (("final", "End scores (mean and 95% t-interval over seeds)"),
                         ("components", "Comparisons (FID differences paired by seed; p-values Holm-adjusted)"),

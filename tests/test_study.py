@@ -296,3 +296,44 @@ def test_a_finished_run_is_scored_at_its_end_and_half_way_each_checkpoint_read_o
     assert recs[1]["fid"] > 0 and recs[1]["reference"].startswith("openclipart eval split at 32 px")
     study.ensure_run(P, "jit", P.low_res, 0)
     assert len(stats.read_jsonl(out / "evals.jsonl")) == 2 and len(loaded) == 2
+
+
+def _tables(folder, fids: dict, steps=100):
+    """stats.tables of runs whose end FIDs are ``fids[(arm, resolution)]`` (one value per seed)."""
+    for (arm, res), vals in fids.items():
+        for s, v in enumerate(vals):
+            d = folder / f"{arm}-{res}px-s{s}"
+            d.mkdir(parents=True)
+            (d / "evals.jsonl").write_text(json.dumps({"kind": "score", "step": steps, "n": 100, "sample_seed": 1,
+                                                       "fid": v}) + "\n")
+    return stats.tables(folder, low_res=32, high_res=64, steps=steps, margin=0.10)
+
+
+def test_the_summary_opens_with_the_reference_verdicts_and_places_this_run_inside_or_outside_them(tmp_path):
+    # reference: REPA - JiT at 64 px = 10, 11, 12 (mean 11, t-interval 11 +- 4.303 * 1 / sqrt(3) = [8.52, 13.48]);
+    # at 32 px a single seed (no interval)
+    ref = _tables(tmp_path / "ref", {("jit", 64): [100, 101, 102], ("repa", 64): [110, 112, 114],
+                                     ("jit", 32): [80], ("repa", 32): [75]})
+    inside = _tables(tmp_path / "in", {("jit", 64): [90], ("repa", 64): [99], ("jit", 32): [70], ("repa", 32): [60]})
+    outside = _tables(tmp_path / "out", {("jit", 64): [90], ("repa", 64): [104], ("jit", 32): [70], ("repa", 32): [60]})
+    lines = runner.headline(inside, ref, "decisive", 10, 36, figures=["../decisive/figures/f.png"])
+    text = "\n".join(lines)
+    assert lines[0] == "## What the study found: the `decisive` protocol (10 of 36 runs finished)"
+    assert f"**1. {stats.CLAIMS[1]}**: {ref['verdicts'][0]['verdict']}" in text and "![f](../decisive/figures/f.png)" in text
+    assert text.index("What the study found") < text.index("This run beside")
+    row64 = next(l for l in lines if l.startswith("| 1 | REPA - JiT at 64 px"))
+    assert row64.endswith("| 11.00 [8.52, 13.48], 3 | 9.00, 1 | yes |")
+    row32 = next(l for l in lines if l.startswith("| 1 | REPA - JiT at 32 px"))
+    assert row32.endswith("| -5.00 (no interval), 1 | -10.00, 1 | - |")
+    row64 = next(l for l in runner.headline(outside, ref, "decisive", 10, 36) if l.startswith("| 1 | REPA - JiT at 64 px"))
+    assert row64.endswith("| 14.00, 1 | no |")
+
+
+def test_a_profile_summary_starts_with_the_committed_decisive_verdicts(tmp_path):
+    P = dataclasses.replace(study.load_profile("smoke"), results_dir=str(tmp_path / "results"), runs_dir=str(tmp_path / "runs"))
+    text = runner.write_summary(P).read_text()
+    H = study.load_profile(runner.HEADLINE)
+    finished = len(list((study.ROOT / "papermill_runs" / "decisive" / "runs").glob("*/done.json")))
+    assert finished >= 2  # committed logs of the decisive protocol exist
+    assert f"the `decisive` protocol ({finished} of {len(study.plan(H))} runs finished)" in text
+    assert text.index("What the study found") < text.index("Verdicts of this profile")
