@@ -281,7 +281,7 @@ def feature_cache_path(encoder: Encoder, dataset_name: str, resolution: int, dat
 
 
 def cached_features(encoder: Encoder, dataset_name: str, images: torch.Tensor, resolution: int,
-                    data_dir: str | Path = "data", batch_size: int = 64, progress: bool = True,
+                    data_dir: str | Path = "data", batch_size: int | None = None, progress: bool = True,
                     flips: bool = True) -> torch.Tensor:
     """Encoder features of uint8 images (N, 3, R, R), computed once and cached as float16.
 
@@ -289,6 +289,9 @@ def cached_features(encoder: Encoder, dataset_name: str, images: torch.Tensor, r
     encoded for real, since clip art and features are not mirror-symmetric), else (N, T, D).
     Name the split in ``dataset_name`` ('openclipart-train'): the cache file is per name, and its
     key (encoder, weights, grid, image size, N, sha256 of the pixels, format) rejects stale files.
+    ``batch_size`` images per forward (default: 64 on CUDA, 1 on the CPU, where EfficientNet-Lite0's
+    activations at 256 px leave the caches: one image at a time, with its mirror, encodes 2.8x faster
+    than 64; results equal to float32 rounding).
     """
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1:] != (3, resolution, resolution):
         raise ValueError(f"images must be uint8 (N, 3, {resolution}, {resolution}), got "
@@ -302,12 +305,16 @@ def cached_features(encoder: Encoder, dataset_name: str, images: torch.Tensor, r
     data = read_cache(path, key)
     if data is None:
         views = 2 if flips else 1
+        batch_size = batch_size or (64 if next(encoder.net.parameters()).device.type == "cuda" else 1)
         feats = torch.empty(views, len(images), encoder.grid ** 2, encoder.dim, dtype=torch.float16)
-        for start in tqdm(range(0, len(images), batch_size), desc=f"{encoder.name} features {dataset_name}",
-                          unit="batch", disable=not progress):
+        bar = tqdm(total=len(images), desc=f"{encoder.name} features {dataset_name}", unit="image",
+                   disable=not progress, mininterval=2)
+        for start in range(0, len(images), batch_size):
             x = to_model_range(images[start:start + batch_size])
             f = encoder(torch.cat([x, x.flip(-1)]) if flips else x)
             feats[:, start:start + len(x)] = f.to(torch.float16).view(views, len(x), *f.shape[1:])
+            bar.update(len(x))
+        bar.close()
         data = save_cache(path, key, {"features": feats})
     return data["features"] if flips else data["features"][0]
 

@@ -254,8 +254,10 @@ def test_feature_cache_mirrors_reuse_and_staleness(tmp_path, effnet, monkeypatch
     monkeypatch.setattr(effnet, "forward", lambda x: calls.append(len(x)) or real(x))
     with pytest.warns(UserWarning, match="stale"):
         fresh = cached_features(effnet, "toy-train", changed, 16, data_dir=tmp_path, progress=False)
-    assert sum(calls) == 10 and fresh.shape == feats.shape
-    assert not torch.equal(fresh[:, 2], feats[:, 2]) and torch.equal(fresh[:, 1], feats[:, 1])
+    assert calls == [2] * 5 and fresh.shape == feats.shape  # on the CPU one image and its mirror at a time
+    # the batch size (3 above, 1 here) changes nothing beyond float rounding; the changed image changes
+    torch.testing.assert_close(fresh[:, [0, 1, 3, 4]].float(), feats[:, [0, 1, 3, 4]].float(), atol=2e-3, rtol=2e-3)
+    assert not torch.equal(fresh[:, 2], feats[:, 2])
 
 
 def test_feature_cache_without_flips(tmp_path, effnet):
