@@ -307,14 +307,13 @@ def cached_features(encoder: Encoder, dataset_name: str, images: torch.Tensor, r
         views = 2 if flips else 1
         batch_size = batch_size or (64 if next(encoder.net.parameters()).device.type == "cuda" else 1)
         feats = torch.empty(views, len(images), encoder.grid ** 2, encoder.dim, dtype=torch.float16)
-        bar = tqdm(total=len(images), desc=f"{encoder.name} features {dataset_name}", unit="image",
-                   disable=not progress, mininterval=2)
-        for start in range(0, len(images), batch_size):
-            x = to_model_range(images[start:start + batch_size])
-            f = encoder(torch.cat([x, x.flip(-1)]) if flips else x)
-            feats[:, start:start + len(x)] = f.to(torch.float16).view(views, len(x), *f.shape[1:])
-            bar.update(len(x))
-        bar.close()
+        with tqdm(total=len(images), desc=f"{encoder.name} features {dataset_name}", unit="image",
+                  disable=not progress, mininterval=2) as bar:
+            for start in range(0, len(images), batch_size):
+                x = to_model_range(images[start:start + batch_size])
+                f = encoder(torch.cat([x, x.flip(-1)]) if flips else x)
+                feats[:, start:start + len(x)] = f.to(torch.float16).view(views, len(x), *f.shape[1:])
+                bar.update(len(x))
         data = save_cache(path, key, {"features": feats})
     return data["features"] if flips else data["features"][0]
 

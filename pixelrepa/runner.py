@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -171,9 +172,8 @@ def headline(t: dict, ref: dict, ref_name: str, finished: int, planned: int, fig
     interval where the reference has fewer than two seeds of that comparison."""
     lines = [f"## What the study found: the `{ref_name}` protocol ({finished} of {planned} runs finished)", "",
              f"Its verdicts (README, Protocol), computed from its run logs under `papermill_runs/{ref_name}/runs/`:", ""]
-    lines += [f"- **{v['claim']}. {v['title']}**: " + ("no runs of it finished yet" if v["verdict"] == "not run"
-                                                         else f"{v['verdict']} ({v['evidence']})")
-              for v in ref["verdicts"]] + [""]
+    lines += [_verdict_line(v) if v["verdict"] != "not run" else f"- **{v['claim']}. {v['title']}**: no runs of it "
+              f"finished yet" for v in ref["verdicts"]] + [""]
     lines += [f"![{Path(f).stem}]({f})" for f in figures] + ([""] if figures else [])
     pairs = [(c, r) for c, r in zip(t["components"], ref["components"])
              if (c["claim"], c["a"], c["b"], c["where"]) == (r["claim"], r["a"], r["b"], r["where"])]
@@ -186,12 +186,16 @@ def headline(t: dict, ref: dict, ref_name: str, finished: int, planned: int, fig
               f"| claim | comparison | `{ref_name}`: diff [95% interval], seeds | this run: diff, seeds | inside |",
               "|---|---|---|---|---|"]
     for c, r in pairs:
-        has_interval = r["n_seeds"] >= 2 and r["lo"] == r["lo"]
+        has_interval = r["n_seeds"] >= 2 and not math.isnan(r["lo"])
         inside = "-" if not has_interval or c["n_seeds"] == 0 else ("yes" if r["lo"] <= c["diff"] <= r["hi"] else "no")
         ref_cell = (f"{_fmt(r['diff'])} [{_fmt(r['lo'])}, {_fmt(r['hi'])}], {r['n_seeds']}" if has_interval
                     else f"{_fmt(r['diff'])} (no interval), {r['n_seeds']}")
         lines.append(f"| {c['claim']} | {c['component']} | {ref_cell} | {_fmt(c['diff'])}, {c['n_seeds']} | {inside} |")
     return lines + [""]
+
+
+def _verdict_line(v: dict) -> str:
+    return f"- **{v['claim']}. {v['title']}**: {v['verdict']} ({v['evidence']})"
 
 
 def _headline_of(P: StudyParams, t: dict) -> list[str]:
@@ -200,10 +204,10 @@ def _headline_of(P: StudyParams, t: dict) -> list[str]:
         return []
     # its committed copy in the repository, wherever this profile's outputs go
     H = dataclasses.replace(study.load_profile(HEADLINE), results_dir=str(study.ROOT / "papermill_runs" / HEADLINE))
-    if not list((H.results / "runs").glob("*/done.json")):
+    finished = len(list((H.results / "runs").glob("*/done.json")))
+    if not finished:
         return []
     ref = study.tables(H, collect=False)
-    finished = len(list((H.results / "runs").glob("*/done.json")))
     figures = [os.path.relpath(f, P.results) for f in sorted((H.results / "figures").glob("*.png"))]
     return headline(t, ref, HEADLINE, finished, len(study.plan(H)), figures)
 
@@ -219,8 +223,7 @@ def write_summary(P: StudyParams) -> Path:
              f"`pixelrepa.stats` (README, Protocol).", ""]
     lines += _headline_of(P, t)
     if t["verdicts"]:
-        lines += [f"## Verdicts of this profile (`{P.profile}`)", ""] + [f"- **{v['claim']}. {v['title']}**: {v['verdict']} ({v['evidence']})"
-                                        for v in t["verdicts"]] + [""]
+        lines += [f"## Verdicts of this profile (`{P.profile}`)", ""] + [_verdict_line(v) for v in t["verdicts"]] + [""]
     for name, title in (("final", "End scores (mean and 95% t-interval over seeds)"),
                         ("components", "Comparisons (FID differences paired by seed; p-values Holm-adjusted)"),
                         ("dose", "Dose-response arms (secondary)"), ("probe", "Pixel probe and CKA (secondary)"),
