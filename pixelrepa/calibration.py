@@ -9,8 +9,10 @@ interrupted run resumes where it stopped):
 - ``floor``: disjoint subsets of real training images, class-matched to the reference as the samples
   are, scored against the reference (the held-out split) at N in `N_FLOOR`: the FID a perfect model
   would get at that N, and its spread.
-- ``sampling``: one trained checkpoint per resolution (the profile's JiT, first seed) scored with
-  `SAMPLING` sampling seeds at each N: the estimation noise of one run's score.
+- ``sampling``: one trained checkpoint per resolution (the profile's JiT, its first seed unless
+  ``--seed`` says another) scored with `SAMPLING` sampling seeds at each N: the estimation noise of
+  one run's score. Checkpoints are not committed, so a later session scores the JiT seed it has
+  trained; the table pools the seeds' spread within each checkpoint.
 - the training noise is the seed-to-seed variance of the profile's end scores minus the estimation
   variance at their N (`stats.calibration_table`).
 """
@@ -81,25 +83,28 @@ def _class_counts(n: int, counts: torch.Tensor, cap: torch.Tensor) -> torch.Tens
     return need
 
 
-def sampling(P: study.StudyParams, resolution: int, path: Path, plan=None, step: int | None = None) -> None:
+def sampling(P: study.StudyParams, resolution: int, path: Path, plan=None, step: int | None = None,
+             seed: int | None = None) -> None:
     """One checkpoint's score with several sampling seeds at each N (the estimation noise): the profile's
-    JiT (first seed) at the end of training, or with ``step`` its checkpoint at that step (which must
-    be on disk; the run is not waited for)."""
+    JiT (its first seed, or ``seed``) at the end of training, or with ``step`` its checkpoint at that
+    step (which must be on disk; the run is not waited for)."""
     plan = plan or SAMPLING
     step = step or P.steps
-    run = study.ensure_run(P, "jit", resolution, P.seeds[0]) if step == P.steps else \
-        study.run_dir(P, "jit", resolution, P.seeds[0])
+    seed = P.seeds[0] if seed is None else seed
+    run = study.ensure_run(P, "jit", resolution, seed) if step == P.steps else study.run_dir(P, "jit", resolution, seed)
     ckpt = run / f"ckpt-{step:08d}.pt"
-    have = {(r["resolution"], r["n"], r["sample_seed"], r["step"]) for r in stats.read_jsonl(path)
+    if not ckpt.exists():
+        raise FileNotFoundError(f"{ckpt} is missing: train the run first (or score another --step / --seed)")
+    have = {(r["resolution"], r["n"], r["sample_seed"], r["step"], r.get("run")) for r in stats.read_jsonl(path)
             if r.get("kind") == "sampling"}
     own = {(r["n"], r["sample_seed"]): r for r in stats.read_jsonl(run / "evals.jsonl")
            if r.get("kind") == "score" and r.get("step") == step}
-    cfg = study.run_config(P, "jit", resolution, P.seeds[0])
+    cfg = study.run_config(P, "jit", resolution, seed)
     scfg = SamplerConfig(steps=P.eval_steps, cfg_scale=P.cfg_scale, noise_scale=cfg.noise_scale, t_eps=cfg.t_eps)
     net = None
     for n, k in sorted(plan.items()):
         for s in range(P.eval_seed, P.eval_seed + k):
-            if (resolution, n, s, step) in have:
+            if (resolution, n, s, step, run.name) in have:
                 continue
             if (n, s) in own:  # the run's own end score is one of these measurements
                 m = {key: v for key, v in own[(n, s)].items() if key not in ("kind", "step")}
@@ -123,6 +128,9 @@ def main(argv=None):
     p.add_argument("--records", default=None, help="default: the profile's `calibration` path")
     p.add_argument("--step", type=int, default=None, help="sampling: score the JiT's checkpoint at this step "
                                                           "(default: the end of its training, trained first if needed)")
+    p.add_argument("--n", type=int, nargs="*", choices=sorted(SAMPLING), help="sampling: only these N (default: all)")
+    p.add_argument("--seed", type=int, default=None, help="sampling: the JiT training seed whose checkpoint is scored "
+                                                          "(default: the profile's first)")
     a = p.parse_args(argv)
     try:
         P = study.load_profile(a.profile)
@@ -133,7 +141,7 @@ def main(argv=None):
         if a.part in ("floor", "all"):
             floor(P, res, path)
         if a.part in ("sampling", "all"):
-            sampling(P, res, path, step=a.step)
+            sampling(P, res, path, plan={n: SAMPLING[n] for n in a.n} if a.n else None, step=a.step, seed=a.seed)
     runs = stats.load_runs(P.results / "runs") if (P.results / "runs").exists() else None
     table = stats.rounded(stats.calibration_table(stats.read_jsonl(path), runs, P.steps), 4)
     atomic_write_text(path.parent / "table.json", json.dumps(table, indent=1) + "\n")

@@ -100,15 +100,35 @@ def load_rgb(path: str | Path, resolution: int, *,
     Transparency is composited on white. Raises on any unreadable input; the
     callers decide how to skip and report it.
     """
-    with _pixel_limit(MAX_PIXELS), Image.open(path) as im:
-        if im.width * im.height > MAX_PIXELS:
-            raise ValueError(f"{im.width}x{im.height} exceeds MAX_PIXELS={MAX_PIXELS}")
-        if center_crop == "square":
-            im.draft(None, (resolution, resolution))
-        elif center_crop != "adm":
-            raise ValueError(f"center_crop must be 'adm' or 'square', got {center_crop!r}")
-        im.load()  # decode errors (truncation, bad CRC) surface here
-        img = _normalise_mode(im)
+    return load_rgb_many(path, (resolution,), center_crop=center_crop)[0]
+
+
+def load_rgb_many(path: str | Path, resolutions: tuple[int, ...], *,
+                  center_crop: Literal["adm", "square"] = "adm") -> list[np.ndarray]:
+    """`load_rgb` at each of ``resolutions``, decoding the file once where that gives the same arrays
+    (every format but JPEG, whose draft mode depends on the target size: it is decoded per size)."""
+    if center_crop not in ("adm", "square"):
+        raise ValueError(f"center_crop must be 'adm' or 'square', got {center_crop!r}")
+    out = {}
+    for res in resolutions:
+        if res in out:
+            continue
+        with _pixel_limit(MAX_PIXELS), Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise ValueError(f"{im.width}x{im.height} exceeds MAX_PIXELS={MAX_PIXELS}")
+            # only formats with a draft mode (JPEG) decode differently per target size
+            shared = center_crop == "adm" or type(im).draft is Image.Image.draft
+            if center_crop == "square" and not shared:
+                im.draft(None, (res, res))
+            im.load()  # decode errors (truncation, bad CRC) surface here
+            img = _normalise_mode(im)
+        for r in ([x for x in resolutions if x not in out] if shared else [res]):
+            out[r] = _resize(img, r, center_crop)
+    return [out[r] for r in resolutions]
+
+
+def _resize(img: Image.Image, resolution: int, center_crop: str) -> np.ndarray:
+    """A decoded, mode-normalised image cropped and resized to ``resolution`` (see `load_rgb`)."""
     if center_crop == "adm":
         img = _adm_center_crop(img, resolution)
     else:
@@ -218,25 +238,30 @@ def _scan_openclipart(root: Path) -> tuple[list[str], list[tuple[str, str, int]]
     a file counts once, under the class of its first occurrence in sorted path order."""
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     seen: set[str] = set()
-    items = []
+    items, parents = [], {}
     for label, cls in enumerate(classes):
         for p in _image_files(root / cls):
-            real = os.path.realpath(p)
+            if os.path.islink(p):
+                real = os.path.realpath(p)
+            else:  # what realpath(p) gives, with one lstat instead of one per path component
+                if p.parent not in parents:
+                    parents[p.parent] = os.path.realpath(p.parent)
+                real = os.path.join(parents[p.parent], p.name)
             if real not in seen:
                 seen.add(real)
                 items.append((p.relative_to(root).as_posix(), real, label))
     return classes, items
 
 
-def _decode_task(task: tuple[str, int]) -> np.ndarray | str:
-    """Pool worker: an array, or the error text (exceptions may not pickle)."""
+def _decode_task(task: tuple[str, tuple[int, ...]]) -> list[np.ndarray] | str:
+    """Pool worker: the file's arrays at each resolution, or the error text (exceptions may not pickle)."""
     try:
-        return load_rgb(task[0], task[1], center_crop="square")
+        return load_rgb_many(task[0], task[1], center_crop="square")
     except Exception as err:
         return f"{type(err).__name__}: {err}"
 
 
-def _decode_all(tasks: list[tuple[str, int]]) -> Iterator[np.ndarray | str]:
+def _decode_all(tasks: list[tuple[str, tuple[int, ...]]]) -> Iterator[list[np.ndarray] | str]:
     """`_decode_task` of every task, in order, on BUILD_WORKERS processes. A worker killed mid-way (the
     kernel's out-of-memory killer, on a huge image while other jobs hold memory) breaks the pool: what
     is left is then decoded here, one image at a time, instead of hanging or losing the work done."""
@@ -268,17 +293,20 @@ def _hash_rank_split(labels: list[int], keys: list[str], num_classes: int) -> di
     return {"train": torch.nonzero(~is_eval).flatten(), "eval": torch.nonzero(is_eval).flatten()}
 
 
-def _build_openclipart(resolution: int, progress: bool) -> dict:
+def _build_openclipart(resolutions: tuple[int, ...], progress: bool) -> dict[int, dict]:
+    """{resolution: cache payload}, every resolution from one decoding pass over the files."""
     classes, items = _scan_openclipart(OPENCLIPART_ROOT)
-    tasks = [(real, resolution) for _, real, _ in items]
-    images = torch.empty(len(items), 3, resolution, resolution, dtype=torch.uint8)
+    tasks = [(real, tuple(resolutions)) for _, real, _ in items]
+    images = {r: torch.empty(len(items), 3, r, r, dtype=torch.uint8) for r in resolutions}
     ok, bad = [], []
-    bar = tqdm(total=len(tasks), desc=f"openclipart {resolution}px", unit="img", disable=not progress)
+    desc = "openclipart " + " and ".join(f"{r}px" for r in resolutions)
+    bar = tqdm(total=len(tasks), desc=desc, unit="img", disable=not progress)
     for i, res in enumerate(_decode_all(tasks)):
         if isinstance(res, str):
             bad.append(f"{items[i][0]} ({res})")
         else:
-            images[len(ok)] = torch.from_numpy(res).permute(2, 0, 1)
+            for r, arr in zip(resolutions, res):
+                images[r][len(ok)] = torch.from_numpy(arr).permute(2, 0, 1)
             ok.append(i)
         bar.update()
     bar.close()
@@ -289,9 +317,10 @@ def _build_openclipart(resolution: int, progress: bool) -> dict:
         raise DatasetError(f"no readable images under {OPENCLIPART_ROOT}")
     labels = [items[i][2] for i in ok]
     sources = [items[i][0] for i in ok]
-    return {"images": images[: len(ok)].clone(), "labels": torch.tensor(labels, dtype=torch.long),
-            "classes": classes, "sources": sources, "num_skipped": len(bad),
-            "splits": _hash_rank_split(labels, sources, len(classes))}
+    splits = _hash_rank_split(labels, sources, len(classes))
+    return {r: {"images": images[r][: len(ok)].clone(), "labels": torch.tensor(labels, dtype=torch.long),
+                "classes": classes, "sources": sources, "num_skipped": len(bad), "splits": splits}
+            for r in resolutions}
 
 
 def _read_idx(path: Path, magic: int) -> np.ndarray:
@@ -355,6 +384,38 @@ def _subset(data: dict, split: str, resolution: int) -> ImageDataset:
                         sources=sources, num_skipped=data["num_skipped"])
 
 
+def _check_resolution(resolution) -> None:
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8 or resolution % 2:
+        raise ValueError(f"resolution must be an even int >= 8, got {resolution!r}")
+
+
+def build_caches(name: str, resolutions: tuple[int, ...], data_dir: str | Path = "data",
+                 progress: bool = True) -> dict[int, dict]:
+    """{resolution: the built-in dataset's cache}, read, or built where missing or stale: openclipart's
+    missing resolutions all from one decoding pass (a study needs two; each file is decoded once)."""
+    if name not in DATASETS:
+        raise DatasetError(f"unknown built-in dataset {name!r}: built-in names are {', '.join(DATASETS)}")
+    root = OPENCLIPART_ROOT if name == "openclipart" else FASHION_MNIST_ROOT
+    missing = [p for p in ([root] if name == "openclipart" else _fashion_files().values())
+               if not p.exists()]
+    if missing:
+        raise DatasetError(f"dataset {name!r} not found: {missing[0]} does not exist; "
+                           f"install it with `{INSTALL_HINT[name]}`")
+    for res in resolutions:
+        _check_resolution(res)
+    out, keys = {}, {}
+    for res in dict.fromkeys(resolutions):
+        keys[res] = _source_key(name, res)
+        out[res] = read_cache(Path(data_dir) / f"{name}-{res}px.pt", keys[res])
+    missing = tuple(r for r, d in out.items() if d is None)
+    if missing:
+        built = _build_openclipart(missing, progress) if name == "openclipart" else \
+            {r: _build_fashion_mnist(r, progress) for r in missing}
+        for r in missing:
+            out[r] = save_cache(Path(data_dir) / f"{name}-{r}px.pt", keys[r], built[r])
+    return out
+
+
 def load_dataset(name: str, resolution: int, split: str = "train",
                  data_dir: str | Path = "data", progress: bool = True) -> ImageDataset:
     """Load a built-in (`DATASETS`, cached under `data_dir`) or an ImageFolder path.
@@ -363,23 +424,11 @@ def load_dataset(name: str, resolution: int, split: str = "train",
     (openclipart: 10% of each class by path hash; fashion-mnist: the official t10k
     set). For an ImageFolder `split` is ignored: pass the train or val root instead.
     """
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8 or resolution % 2:
-        raise ValueError(f"resolution must be an even int >= 8, got {resolution!r}")
+    _check_resolution(resolution)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if name in DATASETS:
-        root = OPENCLIPART_ROOT if name == "openclipart" else FASHION_MNIST_ROOT
-        missing = [p for p in ([root] if name == "openclipart" else _fashion_files().values())
-                   if not p.exists()]
-        if missing:
-            raise DatasetError(f"dataset {name!r} not found: {missing[0]} does not exist; "
-                               f"install it with `{INSTALL_HINT[name]}`")
-        key = _source_key(name, resolution)
-        cache = Path(data_dir) / f"{name}-{resolution}px.pt"
-        data = read_cache(cache, key)
-        if data is None:
-            build = _build_openclipart if name == "openclipart" else _build_fashion_mnist
-            data = save_cache(cache, key, build(resolution, progress))
+        data = build_caches(name, (resolution,), data_dir, progress)[resolution]
         return _subset(data, split, resolution)
     path = Path(name).expanduser()
     if path.is_dir():

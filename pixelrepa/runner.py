@@ -75,6 +75,8 @@ def train_runs(P: study.StudyParams, clock: Clock, wait: bool = True) -> None:
     started alike share the plan that way)."""
     runs = study.plan(P)
     todo = [r for r in runs if not (study.run_dir(P, *r) / "done.json").exists()]
+    if todo:
+        study.prepare_data(P)
     for k, (m, res, seed) in enumerate(runs):
         if (m, res, seed) not in todo:
             ensure = study.ensure_run(P, m, res, seed, wait=wait)  # finished: its evaluations, if missing

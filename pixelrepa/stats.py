@@ -288,9 +288,10 @@ CLAIMS = {1: "REPA helps at low resolution and hurts at high resolution late in 
 
 def calibration_table(records: list[dict], runs: list[dict] | None = None, steps: int | None = None) -> list[dict]:
     """Per resolution and N: the floor (mean, SD over subsets), the estimation SD (over sampling seeds,
-    of the latest checkpoint step measured at that resolution) and, where the profile's runs are given,
-    the seed-to-seed SD of JiT's end scores at that N and the training SD by subtraction (NaN where the
-    estimation variance exceeds the total)."""
+    of the latest checkpoint step measured at that resolution; pooled within checkpoints where more
+    than one run was scored, so that the runs' own differences are not counted as noise) and, where
+    the profile's runs are given, the seed-to-seed SD of JiT's end scores at that N and the training
+    SD by subtraction (NaN where the estimation variance exceeds the total)."""
     out = []
     keys = sorted({(r["resolution"], r["n"]) for r in records if r.get("kind") in ("floor", "sampling")})
     end = scores(runs, steps) if runs else []
@@ -302,14 +303,20 @@ def calibration_table(records: list[dict], runs: list[dict] | None = None, steps
         fl = [r["fid"] for r in records if r.get("kind") == "floor" and (r["resolution"], r["n"]) == (res, n)]
         sm = [r for r in records if r.get("kind") == "sampling" and (r["resolution"], r["n"]) == (res, n)
               and r["step"] == latest[res]]
+        per_run = {}
+        for r in sm:
+            per_run.setdefault(r.get("run"), []).append(r["fid"])
+        dof = len(sm) - len(per_run)
+        within = sum(float(np.sum((np.array(v) - np.mean(v)) ** 2)) for v in per_run.values())
         row = {"resolution": res, "n": n, "floor_subsets": len(fl),
                "floor_fid": float(np.mean(fl)) if fl else None,
                "floor_sd": float(np.std(fl, ddof=1)) if len(fl) > 1 else None,
                "floor_kid": float(np.mean([r["kid_mean"] for r in records if r.get("kind") == "floor"
                                            and (r["resolution"], r["n"]) == (res, n)])) if fl else None,
                "sampling_seeds": len(sm), "sampling_step": latest.get(res) if sm else None,
+               "sampling_runs": ", ".join(sorted(str(k) for k in per_run)) if sm else None,
                "model_fid": float(np.mean([r["fid"] for r in sm])) if sm else None,
-               "estimation_sd": float(np.std([r["fid"] for r in sm], ddof=1)) if len(sm) > 1 else None}
+               "estimation_sd": math.sqrt(within / dof) if dof > 0 else None}
         seeds = [r["value"] for r in end if r["arm"] == "jit" and r["where"] == res and r["n"] == n]
         if len(seeds) > 1:
             total = float(np.var(seeds, ddof=1))

@@ -437,6 +437,15 @@ def write_tables(P: StudyParams) -> dict[str, list[dict]]:
     return t
 
 
+def prepare_data(P: StudyParams) -> None:
+    """The data caches of both resolutions, built where missing in one decoding pass (a built-in
+    dataset; an ImageFolder is read as it is)."""
+    from . import data as datalib
+    if P.dataset in datalib.DATASETS:
+        datalib.build_caches(P.dataset, (P.low_res, P.high_res), run_config(P, "jit", P.low_res, P.seeds[0]).data_dir,
+                             progress=P.progress)
+
+
 def study_data(P: StudyParams, resolution: int):
     """The training images at ``resolution`` (the profile's subset) and their encoder tokens (N, T, D),
     read from the same cache training uses."""

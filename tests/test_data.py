@@ -373,7 +373,7 @@ def test_failed_build_or_write_leaves_no_file(tmp_path, fake_clipart, monkeypatc
         calls.append(task)
         if len(calls) == 5:
             raise KeyboardInterrupt  # e.g. the user interrupts midway
-        return np.zeros((8, 8, 3), np.uint8)
+        return [np.zeros((r, r, 3), np.uint8) for r in task[1]]  # one array per resolution asked
 
     monkeypatch.setattr(data, "_decode_task", flaky)
     with pytest.raises(KeyboardInterrupt):
@@ -471,3 +471,39 @@ def test_a_decoding_process_killed_midway_loses_nothing(monkeypatch):
     with pytest.warns(UserWarning, match="a decoding process died"):
         got = list(data._decode_all(tasks))
     assert [int(a[0, 0, 0]) for a in got] == list(range(100))
+
+
+def test_one_decoding_pass_gives_each_resolution_what_its_own_build_gives(tmp_path, fake_clipart, monkeypatch):
+    """build_caches decodes each file once for every resolution it is asked (a JPEG once per size,
+    since its draft mode depends on the size): the caches must equal those built one at a time."""
+    g = np.random.default_rng(0)
+    Image.fromarray(g.integers(0, 255, (300, 200, 3), dtype=np.uint8)).save(fake_clipart / "alpha" / "noise.png")
+    Image.fromarray(g.integers(0, 255, (300, 200, 3), dtype=np.uint8)).save(fake_clipart / "beta" / "noise.jpg", quality=90)
+    with pytest.warns(UserWarning, match="skipped 2"):
+        both = data.build_caches("openclipart", (8, 16), tmp_path / "both", progress=False)
+    for res in (8, 16):
+        with pytest.warns(UserWarning, match="skipped 2"):
+            alone = data.build_caches("openclipart", (res,), tmp_path / f"alone{res}", progress=False)[res]
+        assert torch.equal(both[res]["images"], alone["images"]) and both[res]["sources"] == alone["sources"]
+        assert both[res]["images"].shape[-1] == res and both[res]["key"] == alone["key"]
+        for path in ("alpha/noise.png", "beta/noise.jpg"):  # each file as load_rgb decodes it alone
+            i = alone["sources"].index(path)
+            want = data.load_rgb(fake_clipart / path, res, center_crop="square")
+            assert np.array_equal(both[res]["images"][i].permute(1, 2, 0).numpy(), want)
+    monkeypatch.setattr(data, "_build_openclipart", lambda *a: pytest.fail("caches not reused"))
+    again = data.build_caches("openclipart", (16, 8), tmp_path / "both", progress=False)
+    assert torch.equal(again[8]["images"], both[8]["images"])
+
+
+def test_the_scan_resolves_links_as_realpath_does(fake_clipart):
+    os.symlink(fake_clipart / "alpha", fake_clipart / "zz_linked_dir")  # a class that is a linked folder
+    classes, items = data._scan_openclipart(fake_clipart)
+    assert "zz_linked_dir" in classes
+    seen, want = set(), []
+    for label, cls in enumerate(classes):
+        for p in data._image_files(fake_clipart / cls):
+            real = os.path.realpath(p)
+            if real not in seen:
+                seen.add(real)
+                want.append((p.relative_to(fake_clipart).as_posix(), real, label))
+    assert items == want and not any(rel.startswith("zz_linked_dir") for rel, _, _ in items)

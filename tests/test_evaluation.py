@@ -133,3 +133,45 @@ def test_calibration_table_uses_the_latest_checkpoint_and_subtracts_the_estimati
     assert row["seed_sd"] == pytest.approx(4.0) and row["training_sd"] == pytest.approx(12 ** 0.5)
     noisy = [dict(r, fid=r["fid"] * 10) if r.get("step") == 1200 else r for r in recs]
     assert math.isnan(stats.calibration_table(noisy, runs, 1200)[0]["training_sd"])  # more noise than spread
+
+
+def test_calibration_table_pools_the_estimation_noise_within_checkpoints():
+    # two checkpoints 100 FID apart: their difference is not sampling noise. Within s0: 1, 3 (SS 2);
+    # within s1: 100, 102, 104 (SS 8); pooled variance (2 + 8) / (5 - 2) = 10 / 3
+    recs = [{"kind": "sampling", "resolution": 64, "n": 8, "step": 1200, "run": "jit-64px-s0", "fid": f} for f in (1.0, 3.0)]
+    recs += [{"kind": "sampling", "resolution": 64, "n": 8, "step": 1200, "run": "jit-64px-s1", "fid": f}
+             for f in (100.0, 102.0, 104.0)]
+    (row,) = stats.calibration_table(recs)
+    assert row["sampling_seeds"] == 5 and row["sampling_runs"] == "jit-64px-s0, jit-64px-s1"
+    assert row["estimation_sd"] == pytest.approx((10 / 3) ** 0.5)
+    one_each = [recs[0], recs[2]]  # one seed per checkpoint: no within-checkpoint spread to measure
+    assert stats.calibration_table(one_each)[0]["estimation_sd"] is None
+
+
+def test_sampling_records_each_checkpoint_apart_and_reuse_its_own_end_score(tmp_path, monkeypatch):
+    P = study.StudyParams(steps=10, eval_seed=7)
+    runs = {}
+    for seed in (0, 1):
+        d = tmp_path / f"jit-32px-s{seed}"
+        d.mkdir()
+        (d / "ckpt-00000010.pt").write_bytes(b"")
+        (d / "evals.jsonl").write_text('{"kind": "score", "step": 10, "n": 4, "sample_seed": 7, "fid": %d.5}\n' % seed)
+        runs[seed] = d
+    monkeypatch.setattr(study, "ensure_run", lambda P, m, res, seed: runs[seed])
+    net = type("Net", (), {"cfg": type("C", (), {"num_classes": 3})})()
+    monkeypatch.setattr(calibration, "load_jit", lambda path, device: (net, None))
+    scored = []
+    monkeypatch.setattr(metrics, "evaluate_model",
+                        lambda net, sample_seed, **k: scored.append(sample_seed) or {"fid": 100.0 + sample_seed, "n": k["n"]})
+    path = tmp_path / "records.jsonl"
+    calibration.sampling(P, 32, path, plan={4: 2}, seed=0)
+    calibration.sampling(P, 32, path, plan={4: 2}, seed=1)  # same N and sampling seeds, another checkpoint
+    recs = stats.read_jsonl(path)
+    assert [(r["run"], r["sample_seed"], r["fid"]) for r in recs] == [
+        ("jit-32px-s0", 7, 0.5), ("jit-32px-s0", 8, 108.0), ("jit-32px-s1", 7, 1.5), ("jit-32px-s1", 8, 108.0)]
+    assert scored == [8, 8]  # seed 7 is each run's own end score, read from its evals
+    calibration.sampling(P, 32, path, plan={4: 2}, seed=1)  # resumable: nothing again
+    assert len(stats.read_jsonl(path)) == 4 and scored == [8, 8]
+    (runs[1] / "ckpt-00000010.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="ckpt-00000010"):
+        calibration.sampling(P, 32, path, plan={4: 3}, seed=1)

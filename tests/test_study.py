@@ -243,9 +243,12 @@ def test_the_runner_names_each_run_it_trains_and_estimates_the_time_left(tmp_pat
     (done / "done.json").write_text("{}")
     trained = []
     monkeypatch.setattr(study, "ensure_run", lambda P, m, res, seed, wait=True: trained.append((m, res)) or tmp_path)
+    prepared = []
+    monkeypatch.setattr(study, "prepare_data", lambda P: prepared.append(P.profile))
     clock = runner.Clock()
     runner.train_runs(P, clock)
     said = capsys.readouterr().out
+    assert prepared == [P.profile]  # both resolutions' data caches first, in one decoding pass
     assert trained == [("jit", 32), ("repa", 32), ("jit", 64), ("repa", 64)]  # the finished one: evaluations only
     assert "run 1/4" not in said and "[study] run 2/4: repa at 32 px, seed 0" in said
     assert "run 2/4: repa at 32 px, seed 0 (0.0 min so far, time left estimated once" in said
@@ -337,3 +340,20 @@ def test_a_profile_summary_starts_with_the_committed_decisive_verdicts(tmp_path)
     assert finished >= 2  # committed logs of the decisive protocol exist
     assert f"the `decisive` protocol ({finished} of {len(study.plan(H))} runs finished)" in text
     assert text.index("What the study found") < text.index("Verdicts of this profile")
+
+
+def test_the_quick_profile_is_a_miniature_of_the_decisive_protocol():
+    """`make study`'s numbers are put beside the decisive intervals: everything that defines a run's
+    model, data source, method and scoring must be decisive's; only the sizes may shrink."""
+    q, d = study.load_profile("quick"), study.load_profile("decisive")
+    same = ("dataset", "low_res", "high_res", "model_low", "model_high", "batch_size", "blr", "warmup_epochs",
+            "encoder", "encoder_weights", "proj_hidden", "cfg_scale", "noise_scale_low", "noise_scale_high",
+            "eval_steps", "eval_real", "eval_seed", "hack_t", "hack_steps", "probe_ts", "margin", "calibration")
+    assert {k: getattr(q, k) for k in same} == {k: getattr(d, k) for k in same}
+    assert set(q.methods) == {m for m in d.methods if study.split_arm(m)[1] is None}  # every method, no dose arms
+    assert set(q.seeds) < set(d.seeds) and q.steps < d.steps and 0 < q.train_images < 6208
+    assert 0 < q.probe_images <= d.probe_images and 0 < q.hack_per_class <= d.hack_per_class
+    for res in (q.low_res, q.high_res):  # the same alignment depth and coefficient per method
+        for m in q.methods:
+            a, b = study.run_config(q, m, res, 0), study.run_config(d, m, res, 0)
+            assert (a.model, a.method, a.align_coef, a.align) == (b.model, b.method, b.align_coef, b.align)
