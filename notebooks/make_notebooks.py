@@ -273,10 +273,10 @@ sampling seed alone (estimation noise), and what remains of the seed-to-seed spr
 Computed by `python -m pixelrepa.calibration --profile decisive` into `records.jsonl`; this notebook
 only reads the records."""),
     code('profile = "decisive"', tags=["parameters"]),
-    code("# nbval-ignore-output: the records grow as calibration measurements are added (each session may add some)\n" + """from pixelrepa import study, stats, plots
+    code("# nbval-ignore-output: the records grow as calibration measurements are added (each session may add some)\n" + """from pixelrepa import calibration, study, stats, plots
 P = study.load_profile(profile)
 records = stats.read_jsonl(study.repo_path(P.calibration))
-table = stats.calibration_table(records)
+table = calibration.table(P)  # with the training noise from the profile's committed JiT runs
 print(f"{len(records)} records")
 for r in table:
     print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()})"""),

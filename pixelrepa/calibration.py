@@ -118,6 +118,14 @@ def sampling(P: study.StudyParams, resolution: int, path: Path, plan=None, step:
                                "run": run.name, "step": step})
 
 
+def table(P: study.StudyParams, path: Path | None = None) -> list[dict]:
+    """The calibration table (`stats.calibration_table`) from the records at ``path`` (default: the
+    profile's) and the profile's committed run logs (for the training noise)."""
+    path = path or study.repo_path(P.calibration)
+    runs = stats.load_runs(P.results / "runs") if (P.results / "runs").exists() else None
+    return stats.calibration_table(stats.read_jsonl(path), runs, P.steps)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m pixelrepa.calibration", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -142,10 +150,9 @@ def main(argv=None):
             floor(P, res, path)
         if a.part in ("sampling", "all"):
             sampling(P, res, path, plan={n: SAMPLING[n] for n in a.n} if a.n else None, step=a.step, seed=a.seed)
-    runs = stats.load_runs(P.results / "runs") if (P.results / "runs").exists() else None
-    table = stats.rounded(stats.calibration_table(stats.read_jsonl(path), runs, P.steps), 4)
-    atomic_write_text(path.parent / "table.json", json.dumps(table, indent=1) + "\n")
-    print(json.dumps(table, indent=1))
+    rows = stats.rounded(table(P, path), 4)
+    atomic_write_text(path.parent / "table.json", json.dumps(rows, indent=1) + "\n")
+    print(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
