@@ -6,6 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := openclipart-png dataset-fashion-mnist chromium
 PROFILE ?= quick
+WORKERS ?= $(shell nproc)  # make study trains its runs in this many processes side by side
 
 .PHONY: study test unit nbval browser bench notebooks setup apt clean-venv
 
@@ -30,7 +31,7 @@ apt:
 	fi
 
 study: setup
-	$(PY) -m pixelrepa.study --profile $(PROFILE)
+	$(PY) -m pixelrepa.study --profile $(PROFILE) --workers $(WORKERS)
 
 # Tests write only under a temporary folder: $PIXELREPA_OUTPUT_ROOT takes the study's runs and results
 # (study.output_path), where the notebooks nbval executes would otherwise train into runs/ and write

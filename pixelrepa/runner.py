@@ -13,11 +13,16 @@ import hashlib
 import json
 import math
 import os
+import re
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+import yaml
 from jupyter_client.manager import AsyncKernelManager
 
 from . import study
@@ -69,27 +74,177 @@ class Clock:
         return f"{minutes(time.monotonic() - self.start)} so far, {tail}"
 
 
-def train_runs(P: study.StudyParams, clock: Clock, wait: bool = True) -> None:
+def train_runs(P: study.StudyParams, clock: Clock, wait: bool = True, start: int = 0) -> None:
     """Train (and evaluate) every run of the plan in this process, printing which one and the profile's
     time. With ``wait``, a run another process holds is waited for; without, it is skipped (workers
-    started alike share the plan that way)."""
+    started alike share the plan that way). The pass over the plan begins at its run ``start`` and
+    wraps around (`train_parallel` starts its workers at different runs)."""
     runs = study.plan(P)
     todo = [r for r in runs if not (study.run_dir(P, *r) / "done.json").exists()]
     if todo:
         study.prepare_data(P)
-    for k, (m, res, seed) in enumerate(runs):
-        if (m, res, seed) not in todo:
-            ensure = study.ensure_run(P, m, res, seed, wait=wait)  # finished: its evaluations, if missing
+    order = list(range(len(runs)))
+    for k in order[start:] + order[:start]:
+        m, res, seed = runs[k]
+        if (m, res, seed) not in todo or (study.run_dir(P, m, res, seed) / "done.json").exists():
+            if (m, res, seed) in todo:  # finished meanwhile, by another worker
+                todo.remove((m, res, seed))
+            study.ensure_run(P, m, res, seed, wait=wait)  # finished: its evaluations, if missing
             continue
         todo.remove((m, res, seed))
         print(f"[study] run {k + 1}/{len(runs)}: {m} at {res} px, seed {seed} "
               f"({clock.status({'run': len(todo) + 1})})", flush=True)
         t = time.monotonic()
-        ensure = study.ensure_run(P, m, res, seed, wait=wait)
-        if ensure is None:
+        if study.ensure_run(P, m, res, seed, wait=wait) is None:
             print(f"[study] run {k + 1}/{len(runs)} is held by another worker", flush=True)
         else:
             clock.done("run", time.monotonic() - t)
+
+
+# ----------------------------------------------------------------------------- parallel training
+
+def worker_starts(runs: list[tuple[str, int, int]], todo: list[tuple[str, int, int]], n: int) -> list[int]:
+    """Where each of ``n`` workers begins its pass over the plan (indices into ``runs``): at the first
+    unfinished run of each resolution in turn, so that the first runs build different resolutions'
+    one-time caches (reference features, encoder targets), then spread evenly over what is left."""
+    firsts = []
+    for res in dict.fromkeys(r[1] for r in todo):
+        firsts.append(runs.index(next(r for r in todo if r[1] == res)))
+    spread = [runs.index(todo[i * len(todo) // n]) for i in range(n)]
+    starts = firsts[:n] + [s for s in spread if s not in firsts]
+    return (starts + spread)[:n]
+
+
+# A run's share of its wall time spent training, the rest evaluating (measured on the quick and decisive
+# profiles on the CPU: 0.5-0.6): weighs a run's progress in the time-left estimate.
+TRAIN_SHARE = 0.55
+_RUN_LINE = re.compile(r"\[study\] run (\d+)/\d+: (\S+) at (\d+) px, seed (\d+)")
+_HELD_LINE = re.compile(r"\[study\] run (\d+)/\d+ is held by another worker")
+
+
+def worker_activity(log: str) -> tuple[int, str] | None:
+    """What a worker's log says it is doing: (plan index of its run, "training" or "evaluating"), or
+    None before its first run or after one it found held by another worker."""
+    run, phase = None, None
+    for line in log.splitlines():
+        if m := _RUN_LINE.search(line):
+            run, phase = int(m[1]) - 1, "training"
+        elif (m := _HELD_LINE.search(line)) and run == int(m[1]) - 1:
+            run = None
+        elif run is not None and re.search(r"\[study\] \S+: (scoring|feature-hacking|pixel probe)", line):
+            phase = "evaluating"
+    return None if run is None else (run, phase)
+
+
+def last_step(metrics: Path) -> int:
+    """The last training step a run's metrics log records (0: none yet)."""
+    try:
+        with open(metrics, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = f.read().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line).get("step", 0))
+        except (ValueError, AttributeError):
+            continue
+    return 0
+
+
+def parallel_status(P: study.StudyParams, runs, logs: list[str], elapsed: float, before: int = 0) -> tuple[str, str]:
+    """The status line of `train_parallel`: runs done, each worker's run (method, resolution, seed, step
+    out of the total or evaluating), the time so far and an estimate of the training time left (from the
+    work done in ``elapsed``, beyond the ``before`` runs finished earlier: a run counts TRAIN_SHARE of
+    itself when trained). Also the same line without the times and steps (what changes when something
+    new starts)."""
+    done = [(study.run_dir(P, *r) / "done.json").exists() for r in runs]
+    work, parts, shape = float(sum(done)), [], []
+    for log in logs:
+        act = worker_activity(log)
+        if act is None or done[act[0]]:
+            parts.append("idle" if _RUN_LINE.search(log) else "starting")
+            shape.append(parts[-1])
+            continue
+        (m, res, seed), phase = runs[act[0]], act[1]
+        step = last_step(study.run_dir(P, m, res, seed) / "metrics.jsonl")
+        name = f"{m} {res} px s{seed}"
+        if phase == "training":
+            work += TRAIN_SHARE * min(1.0, step / P.steps)
+            # before its first logged step: data, encoder targets, the first run's one-time caches
+            parts.append(f"{name}: step {step}/{P.steps}" if step else f"{name}: setting up")
+        else:
+            work += TRAIN_SHARE + (1 - TRAIN_SHARE) / 2
+            parts.append(f"{name}: evaluating")
+        shape.append(f"{name} {phase}")
+    left, work = len(runs) - work, work - before
+    eta = (f"about {minutes(elapsed * left / work)} of training left" if work >= 0.25 and left > 0
+           else "training time left estimated once a run is under way" if left > 0 else "training done")
+    head = f"[study] runs {sum(done)}/{len(runs)} done"
+    return f"{head}, {minutes(elapsed)} so far, {eta} | " + " | ".join(parts), head + " | " + " | ".join(shape)
+
+
+def train_parallel(P: study.StudyParams, workers: int, clock: Clock, interval: float = 5.0) -> None:
+    """Train the profile's unfinished runs in ``workers`` processes (`train_runs` in each, single-threaded
+    when there are as many workers as cores, sharing the plan through the runs' lock files), showing their
+    progress here on one line: rewritten in place on a terminal, a new line when something changes (or
+    each minute) otherwise. The workers' own output goes to ``<runs_dir>/<profile>/workers/``. A worker
+    that fails stops the others (every run resumes later) and is an error with the end of its log."""
+    if P.nproc > 1:
+        raise ValueError("workers > 1 trains runs side by side on the CPU; this profile trains each run "
+                         f"through torchrun with nproc = {P.nproc}: use one worker")
+    runs = study.plan(P)
+    todo = [r for r in runs if not (study.run_dir(P, *r) / "done.json").exists()]
+    if not todo:
+        return
+    study.prepare_data(P)  # once, before the workers (each would otherwise decode the dataset)
+    n = min(workers, len(todo))
+    folder = study.output_path(P.runs_dir) / P.profile / "workers"
+    folder.mkdir(parents=True, exist_ok=True)
+    params = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(P).items()}
+    atomic_write_text(folder / "profile.yaml", yaml.safe_dump({**params, "progress": False}, sort_keys=False))
+    threads = str(max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) // n))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    paths = [folder / f"worker-{k + 1}.log" for k in range(n)]
+    print(f"[study] training {len(todo)} run{'s' * (len(todo) > 1)} in {n} worker process{'es' * (n > 1)} "
+          f"({threads} thread{'s' * (threads != '1')} "
+          f"each; their logs: {folder})", flush=True)
+    procs = []
+    tty = sys.stdout.isatty()
+    t0, shown, printed = time.monotonic(), None, 0.0
+    try:
+        for k, start in enumerate(worker_starts(runs, todo, n)):
+            with open(paths[k], "w") as log:
+                procs.append(subprocess.Popen([sys.executable, "-m", "pixelrepa.study", "--profile", str(folder / "profile.yaml"),
+                                               "--train-only", "--start", str(start)], stdout=log,
+                                              stderr=subprocess.STDOUT, env=env, cwd=str(study.ROOT)))
+        while True:
+            codes = [p.poll() for p in procs]
+            logs = [p.read_text(errors="replace") if p.exists() else "" for p in paths]
+            line, what = parallel_status(P, runs, logs, time.monotonic() - t0, before=len(runs) - len(todo))
+            if tty:
+                width = shutil.get_terminal_size().columns
+                print("\r" + line[:width - 1].ljust(width - 1), end="", flush=True)
+            elif what != shown or time.monotonic() - printed >= 60:
+                print(line, flush=True)
+                shown, printed = what, time.monotonic()
+            failed = [k for k, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                k = failed[0]
+                tail = "\n".join(logs[k].splitlines()[-15:])
+                raise RuntimeError(f"training worker {k + 1} failed (exit {codes[k]}); the end of its log {paths[k]}:\n{tail}")
+            if all(c == 0 for c in codes):
+                break
+            time.sleep(interval)
+    finally:
+        if tty:
+            print(flush=True)
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            p.wait()
+    clock.done("training", time.monotonic() - t0)
 
 
 class _QuietKernelManager(AsyncKernelManager):
@@ -103,10 +258,10 @@ class _QuietKernelManager(AsyncKernelManager):
 
 
 def run_profile(P: study.StudyParams, only: list[str] | None = None, force: bool = False,
-                train: bool = True) -> Path:
-    """Train the profile's runs (with ``train``, when every notebook is asked for: in this process, with
-    progress), then execute the notebooks in order into the results folder; resume where an earlier
-    call stopped."""
+                train: bool = True, workers: int = 1) -> Path:
+    """Train the profile's runs (with ``train``, when every notebook is asked for: in this process, or
+    in ``workers`` processes side by side, with progress), then execute the notebooks in order into the
+    results folder; resume where an earlier call stopped."""
     import papermill as pm
     nbs = [nb for nb in notebooks() if not only or any(nb.name.startswith(o) for o in only)]
     if not nbs:
@@ -123,7 +278,9 @@ def run_profile(P: study.StudyParams, only: list[str] | None = None, force: bool
     todo = [nb for nb in nbs if force or _key(state.get(nb.name)) != keys[nb.name] or not (out / nb.name).exists()]
     clock = Clock()
     if train and not only and todo:  # the notebooks would train these one by one, out of the terminal's sight
-        train_runs(P, clock)
+        if workers > 1:
+            train_parallel(P, workers, clock)
+        train_runs(P, clock)  # after the workers: only what they left (nothing, unless a run needs evaluations)
     for k, nb in enumerate(nbs):
         target = out / nb.name
         if nb not in todo:

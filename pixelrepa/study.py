@@ -486,7 +486,13 @@ def main(argv=None):
                    help="train every run the notebooks need, nothing else; workers started alike share the "
                         "plan (e.g. one single-threaded process per core: small models train faster that way)")
     p.add_argument("--force", action="store_true", help="re-execute notebooks already done")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="train the runs in N processes side by side, each with cores/N threads (small CPU "
+                        "models train faster so: one per core; `make study` uses every core); default 1")
+    p.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)  # a worker's first run (runner.worker_starts)
     a = p.parse_args(argv)
+    if a.workers < 1:
+        p.error(f"--workers must be at least 1, got {a.workers}")
     try:
         P = load_profile(a.profile)
     except ValueError as err:
@@ -494,10 +500,12 @@ def main(argv=None):
     print(P, flush=True)
     from . import runner
     try:
-        if a.train_only:
-            runner.train_runs(P, runner.Clock(), wait=False)
+        if a.train_only and a.workers > 1:
+            runner.train_parallel(P, a.workers, runner.Clock())
+        elif a.train_only:
+            runner.train_runs(P, runner.Clock(), wait=False, start=a.start)
         else:
-            runner.run_profile(P, a.notebooks, a.force)
+            runner.run_profile(P, a.notebooks, a.force, workers=a.workers)
     except (RuntimeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -357,3 +357,67 @@ def test_the_quick_profile_is_a_miniature_of_the_decisive_protocol():
         for m in q.methods:
             a, b = study.run_config(q, m, res, 0), study.run_config(d, m, res, 0)
             assert (a.model, a.method, a.align_coef, a.align) == (b.model, b.method, b.align_coef, b.align)
+
+
+QUICK_PLAN = [("jit", 32, 0), ("repa", 32, 0), ("jit", 64, 0), ("repa", 64, 0), ("adapter", 64, 0), ("pixelrepa", 64, 0)]
+
+
+def test_parallel_workers_start_at_each_resolutions_first_unfinished_run_then_spread_out():
+    assert runner.worker_starts(QUICK_PLAN, QUICK_PLAN, 1) == [0]
+    assert runner.worker_starts(QUICK_PLAN, QUICK_PLAN, 2) == [0, 2]  # one builds the 32 px caches, one the 64 px
+    assert runner.worker_starts(QUICK_PLAN, QUICK_PLAN, 3) == [0, 2, 4]
+    assert runner.worker_starts(QUICK_PLAN, QUICK_PLAN[3:], 2) == [3, 4]  # one resolution left: spread over it
+    assert runner.worker_starts(QUICK_PLAN, [QUICK_PLAN[1], QUICK_PLAN[5]], 2) == [1, 5]
+
+
+def test_the_parallel_status_line_reads_each_workers_run_step_and_phase_from_its_files(tmp_path):
+    P = study.StudyParams(runs_dir=str(tmp_path), methods=("jit", "repa"), steps=100, progress=False)
+    runs = study.plan(P)  # jit 32, repa 32, jit 64, repa 64
+    study.run_dir(P, *runs[0]).mkdir(parents=True)
+    (study.run_dir(P, *runs[0]) / "done.json").write_text("{}")
+    metrics = study.run_dir(P, *runs[1])
+    metrics.mkdir(parents=True)
+    (metrics / "metrics.jsonl").write_text('{"step": 30}\n{"step": 40, "loss": 1.0}\n{"step": 5')  # a line being written
+    assert runner.last_step(metrics / "metrics.jsonl") == 40 and runner.last_step(tmp_path / "none.jsonl") == 0
+    logs = ["[study] run 1/4: jit at 32 px, seed 0 (0.0 min so far)\n[study] run 2/4: repa at 32 px, seed 0 (x)\n",
+            "[study] run 3/4: jit at 64 px, seed 0 (0.0 min so far)\n[study] jit-64px-s0: scoring step 100, 64 samples\n",
+            "[study] run 2/4: repa at 32 px, seed 0 (x)\n[study] run 2/4 is held by another worker\n", ""]
+    assert [runner.worker_activity(x) for x in logs] == [(1, "training"), (2, "evaluating"), None, None]
+    line, shape = runner.parallel_status(P, runs, logs, elapsed=150.0)
+    # done: 1 + 0.55 x 0.4 (repa 32 at step 40 of 100) + 0.55 + 0.45 / 2 (jit 64 evaluating) = 1.995 of 4 runs
+    left = 150.0 * (4 - 1.995) / 1.995 / 60
+    assert f"about {150.0 * (4 - 1.995) / 0.995 / 60:.1f} min" in runner.parallel_status(P, runs, logs, 150.0, before=1)[0]
+    assert line == (f"[study] runs 1/4 done, 2.5 min so far, about {left:.1f} min of training left | "
+                    "repa 32 px s0: step 40/100 | jit 64 px s0: evaluating | idle | starting")
+    assert shape == "[study] runs 1/4 done | repa 32 px s0 training | jit 64 px s0 evaluating | idle | starting"
+    assert "estimated once a run is under way" in runner.parallel_status(P, runs, ["", ""], 9.0, before=1)[0]
+
+
+def _tiny(tmp_path, **kw):
+    return study.StudyParams(profile="t", runs_dir=str(tmp_path / "runs"), methods=("jit",), steps=2, batch_size=4,
+                             train_images=8, ema_decays=(0.5, 0.6), eval_every=0, num_samples=2, sample_steps=2,
+                             hack_per_class=1, progress=False, **kw)
+
+
+def test_parallel_workers_train_the_plan_in_their_own_processes_and_a_failing_one_is_reported(tmp_path, capsys):
+    P = _tiny(tmp_path)
+    runner.train_parallel(P, 2, runner.Clock(), interval=0.2)
+    said = capsys.readouterr().out
+    assert all((study.run_dir(P, *r) / "done.json").exists() for r in study.plan(P))
+    logs = [(tmp_path / "runs" / "t" / "workers" / f"worker-{k}.log").read_text() for k in (1, 2)]
+    assert "run 1/2: jit at 32 px" in logs[0] and "run 2/2: jit at 64 px" in logs[1]  # one run each, side by side
+    assert "in 2 worker processes (1 thread each" in said and "runs 2/2 done" in said
+    Q = _tiny(tmp_path / "q")  # a worker that fails: a run directory holding a run with other settings
+    bad = study.run_dir(Q, "jit", Q.high_res, 0)
+    bad.mkdir(parents=True)
+    (bad / "done.json").write_text(json.dumps({**study._record(study.run_config(Q, "jit", Q.high_res, 0)), "blr": 1.0}))
+    with pytest.raises(RuntimeError, match=r"(?s)training worker 1 failed \(exit 1\).*other settings"):
+        runner.train_parallel(Q, 2, runner.Clock(), interval=0.2)
+    with pytest.raises(ValueError, match="nproc = 2"):
+        runner.train_parallel(_tiny(tmp_path, nproc=2), 2, runner.Clock())
+
+
+def test_workers_must_be_at_least_one(capsys):
+    with pytest.raises(SystemExit):
+        study.main(["--profile", "smoke", "--workers", "0"])
+    assert "--workers must be at least 1, got 0" in capsys.readouterr().err
