@@ -136,43 +136,51 @@ def worker_activity(log: str) -> tuple[int, str] | None:
     return None if run is None else (run, phase)
 
 
-def last_step(metrics: Path) -> int:
-    """The last training step a run's metrics log records (0: none yet)."""
+def last_step(metrics: Path, eval_every: int = 0) -> tuple[int, bool]:
+    """The last training step a run's metrics log records (0: none yet), and whether the run is scoring
+    its curve there: a step that is a multiple of ``eval_every`` without its evaluation record yet."""
     try:
         with open(metrics, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
             lines = f.read().decode(errors="replace").splitlines()
     except FileNotFoundError:
-        return 0
+        return 0, False
     for line in reversed(lines):
         try:
-            return int(json.loads(line).get("step", 0))
-        except (ValueError, AttributeError):
+            rec = json.loads(line)
+            step = int(rec["step"])
+        except (ValueError, KeyError, TypeError):
             continue
-    return 0
+        return step, bool(eval_every) and step > 0 and step % eval_every == 0 and "eval_fid" not in rec
+    return 0, False
 
 
-def parallel_status(P: study.StudyParams, runs, logs: list[str], elapsed: float, before: int = 0) -> tuple[str, str]:
-    """The status line of `train_parallel`: runs done, each worker's run (method, resolution, seed, step
-    out of the total or evaluating), the time so far and an estimate of the training time left (from the
-    work done in ``elapsed``, beyond the ``before`` runs finished earlier: a run counts TRAIN_SHARE of
-    itself when trained). Also the same line without the times and steps (what changes when something
-    new starts)."""
+def parallel_status(P: study.StudyParams, runs, logs: list[str], elapsed: float, before: int = 0,
+                    alive: list[bool] | None = None) -> tuple[str, str]:
+    """The status line of `train_parallel`: runs finished, each worker's run (method, resolution, seed,
+    step out of the total, or evaluating: the run's scores, subsets and probe after its training), the
+    time so far and an estimate of the training time left (from the work done in ``elapsed``, beyond the
+    ``before`` runs finished earlier: a run counts TRAIN_SHARE of itself when trained). A worker whose
+    process has ended (``alive``) is "finished". Also the same line without the times and steps (what
+    changes when something new starts)."""
     done = [(study.run_dir(P, *r) / "done.json").exists() for r in runs]
-    work, parts, shape = float(sum(done)), [], []
-    for log in logs:
-        act = worker_activity(log)
-        if act is None or done[act[0]]:
-            parts.append("idle" if _RUN_LINE.search(log) else "starting")
+    acts = [worker_activity(log) if alive is None or alive[k] else None for k, log in enumerate(logs)]
+    busy = {a[0] for a in acts if a is not None}
+    finished = sum(d and k not in busy for k, d in enumerate(done))  # trained and evaluated
+    work, parts, shape = float(finished), [], []
+    for k, (log, act) in enumerate(zip(logs, acts)):
+        if act is None:
+            parts.append("finished" if alive is not None and not alive[k] else "idle" if _RUN_LINE.search(log) else "starting")
             shape.append(parts[-1])
             continue
-        (m, res, seed), phase = runs[act[0]], act[1]
-        step = last_step(study.run_dir(P, m, res, seed) / "metrics.jsonl")
+        (m, res, seed), phase = runs[act[0]], "evaluating" if done[act[0]] else act[1]
+        step, scoring = last_step(study.run_dir(P, m, res, seed) / "metrics.jsonl", P.eval_every)
         name = f"{m} {res} px s{seed}"
         if phase == "training":
             work += TRAIN_SHARE * min(1.0, step / P.steps)
             # before its first logged step: data, encoder targets, the first run's one-time caches
-            parts.append(f"{name}: step {step}/{P.steps}" if step else f"{name}: setting up")
+            parts.append(f"{name}: step {step}/{P.steps}" + (" (scoring)" if scoring else "") if step
+                         else f"{name}: setting up")
         else:
             work += TRAIN_SHARE + (1 - TRAIN_SHARE) / 2
             parts.append(f"{name}: evaluating")
@@ -180,7 +188,7 @@ def parallel_status(P: study.StudyParams, runs, logs: list[str], elapsed: float,
     left, work = len(runs) - work, work - before
     eta = (f"about {minutes(elapsed * left / work)} of training left" if work >= 0.25 and left > 0
            else "training time left estimated once a run is under way" if left > 0 else "training done")
-    head = f"[study] runs {sum(done)}/{len(runs)} done"
+    head = f"[study] runs {finished}/{len(runs)} done"
     return f"{head}, {minutes(elapsed)} so far, {eta} | " + " | ".join(parts), head + " | " + " | ".join(shape)
 
 
@@ -221,7 +229,8 @@ def train_parallel(P: study.StudyParams, workers: int, clock: Clock, interval: f
         while True:
             codes = [p.poll() for p in procs]
             logs = [p.read_text(errors="replace") if p.exists() else "" for p in paths]
-            line, what = parallel_status(P, runs, logs, time.monotonic() - t0, before=len(runs) - len(todo))
+            line, what = parallel_status(P, runs, logs, time.monotonic() - t0, before=len(runs) - len(todo),
+                                         alive=[c is None for c in codes])
             if tty:
                 width = shutil.get_terminal_size().columns
                 print("\r" + line[:width - 1].ljust(width - 1), end="", flush=True)
@@ -320,8 +329,10 @@ def drop_widget_state(path: Path) -> None:
         atomic_write_text(path, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
 
-# The profile whose committed verdicts open every other profile's summary: what the study found.
+# The profile whose committed verdicts open every other profile's summary: what the study found; until
+# it has a verdict, the earlier, smaller profile it supersedes says what was found at that scale.
 HEADLINE = "decisive"
+EARLIER = "cpu-long"
 
 
 def headline(t: dict, ref: dict, ref_name: str, finished: int, planned: int, figures=()) -> list[str]:
@@ -331,8 +342,8 @@ def headline(t: dict, ref: dict, ref_name: str, finished: int, planned: int, fig
     interval where the reference has fewer than two seeds of that comparison."""
     lines = [f"## What the study found: the `{ref_name}` protocol ({finished} of {planned} runs finished)", "",
              f"Its verdicts (README, Protocol), computed from its run logs under `papermill_runs/{ref_name}/runs/`:", ""]
-    lines += [_verdict_line(v) if v["verdict"] != "not run" else f"- **{v['claim']}. {v['title']}**: no runs of it "
-              f"finished yet" for v in ref["verdicts"]] + [""]
+    lines += [_verdict_line(v) if v["verdict"] != "not run" else f"- **{v['claim']}. {v['title']}**: no verdict yet "
+              f"(a comparison of it has no seed with both arms finished)" for v in ref["verdicts"]] + [""]
     lines += [f"![{Path(f).stem}]({f})" for f in figures] + ([""] if figures else [])
     pairs = [(c, r) for c, r in zip(t["components"], ref["components"])
              if (c["claim"], c["a"], c["b"], c["where"]) == (r["claim"], r["a"], r["b"], r["where"])]
@@ -359,16 +370,26 @@ def _verdict_line(v: dict) -> str:
 
 def _headline_of(P: StudyParams, t: dict) -> list[str]:
     """`headline` for a profile other than HEADLINE, from HEADLINE's committed run logs (none: nothing)."""
-    if P.profile == HEADLINE:
+    if P.profile in (HEADLINE, EARLIER):
         return []
-    # its committed copy in the repository, wherever this profile's outputs go
-    H = dataclasses.replace(study.load_profile(HEADLINE), results_dir=str(study.ROOT / "papermill_runs" / HEADLINE))
+    H, E = (dataclasses.replace(study.load_profile(name), results_dir=str(study.ROOT / "papermill_runs" / name))
+            for name in (HEADLINE, EARLIER))  # their committed copies, wherever this profile's outputs go
     finished = len(list((H.results / "runs").glob("*/done.json")))
     if not finished:
         return []
     ref = study.tables(H, collect=False)
     figures = [os.path.relpath(f, P.results) for f in sorted((H.results / "figures").glob("*.png"))]
-    return headline(t, ref, HEADLINE, finished, len(study.plan(H)), figures)
+    lines = headline(t, ref, HEADLINE, finished, len(study.plan(H)), figures)
+    if all(v["verdict"] == "not run" for v in ref["verdicts"]) and (E.results / "runs").exists():
+        n = len(list((E.results / "runs").glob("*/evals.jsonl")))  # recovered records: no done.json
+        earlier = [f"Until then, what the earlier, smaller `{EARLIER}` profile found at its scale ({E.train_images} "
+                   f"training images, {E.steps} steps, {len(E.seeds)} seeds, {E.eval_samples} samples per score, "
+                   f"{n} runs; superseded by `{HEADLINE}`; `papermill_runs/{EARLIER}/SUMMARY.md`):", ""]
+        earlier += [_verdict_line(v) for v in study.tables(E, collect=False)["verdicts"]] + [""]
+        beside = f"## This run beside the `{HEADLINE}` protocol"
+        at = lines.index(beside) if beside in lines else len(lines)
+        lines[at:at] = earlier
+    return lines
 
 
 def write_summary(P: StudyParams) -> Path:

@@ -340,6 +340,10 @@ def test_a_profile_summary_starts_with_the_committed_decisive_verdicts(tmp_path)
     assert finished >= 2  # committed logs of the decisive protocol exist
     assert f"the `decisive` protocol ({finished} of {len(study.plan(H))} runs finished)" in text
     assert text.index("What the study found") < text.index("Verdicts of this profile")
+    ref = study.tables(dataclasses.replace(H, results_dir=str(study.ROOT / "papermill_runs" / "decisive")), collect=False)
+    if all(v["verdict"] == "not run" for v in ref["verdicts"]):  # until then: the earlier profile's verdicts
+        assert "Until then, what the earlier, smaller `cpu-long` profile found" in text
+        assert text.index("`cpu-long` profile found") < text.index("**1. REPA helps", text.index("`cpu-long` profile found"))
 
 
 def test_the_quick_profile_is_a_miniature_of_the_decisive_protocol():
@@ -377,8 +381,12 @@ def test_the_parallel_status_line_reads_each_workers_run_step_and_phase_from_its
     (study.run_dir(P, *runs[0]) / "done.json").write_text("{}")
     metrics = study.run_dir(P, *runs[1])
     metrics.mkdir(parents=True)
-    (metrics / "metrics.jsonl").write_text('{"step": 30}\n{"step": 40, "loss": 1.0}\n{"step": 5')  # a line being written
-    assert runner.last_step(metrics / "metrics.jsonl") == 40 and runner.last_step(tmp_path / "none.jsonl") == 0
+    log = metrics / "metrics.jsonl"
+    log.write_text('{"step": 30}\n{"step": 40, "loss": 1.0}\n{"step": 5')  # a line being written
+    assert runner.last_step(log) == (40, False) and runner.last_step(tmp_path / "none.jsonl") == (0, False)
+    assert runner.last_step(log, eval_every=20) == (40, True)  # its curve score at step 40 not written yet
+    log.write_text('{"step": 40, "loss": 1.0}\n{"step": 40, "eval_fid": 90.0}\n')
+    assert runner.last_step(log, eval_every=20) == (40, False)
     logs = ["[study] run 1/4: jit at 32 px, seed 0 (0.0 min so far)\n[study] run 2/4: repa at 32 px, seed 0 (x)\n",
             "[study] run 3/4: jit at 64 px, seed 0 (0.0 min so far)\n[study] jit-64px-s0: scoring step 100, 64 samples\n",
             "[study] run 2/4: repa at 32 px, seed 0 (x)\n[study] run 2/4 is held by another worker\n", ""]
@@ -391,6 +399,9 @@ def test_the_parallel_status_line_reads_each_workers_run_step_and_phase_from_its
                     "repa 32 px s0: step 40/100 | jit 64 px s0: evaluating | idle | starting")
     assert shape == "[study] runs 1/4 done | repa 32 px s0 training | jit 64 px s0 evaluating | idle | starting"
     assert "estimated once a run is under way" in runner.parallel_status(P, runs, ["", ""], 9.0, before=1)[0]
+    # a worker still on a run whose training is done is evaluating it: the run is not finished yet
+    line, _ = runner.parallel_status(P, runs, [logs[0].split("[study] run 2")[0], ""], 60.0, alive=[True, False])
+    assert line.startswith("[study] runs 0/4 done") and line.endswith("| jit 32 px s0: evaluating | finished")
 
 
 def _tiny(tmp_path, **kw):
