@@ -12,12 +12,15 @@ WORKERS ?= $(shell nproc)  # make study trains its runs in this many processes s
 
 setup: $(VENV)/.installed apt
 
+# pip at -qq: errors only (this machine's pip configuration names package indexes that lack most
+# packages, and pip warns about each one it skips); PIP_QUIET=-q shows pip's warnings again.
+PIP_QUIET ?= -qq
 $(VENV)/.installed: requirements.lock requirements-nodeps.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.lock
-	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip install $(PIP_QUIET) -r requirements.lock
+	$(PY) -m pip install $(PIP_QUIET) --no-deps -r requirements-nodeps.txt
+	$(PY) -m pip install $(PIP_QUIET) --no-deps --no-build-isolation -e .
 	touch $@
 
 # Debian packages, installed only when missing: the offline datasets, and chromium for static figures
