@@ -330,7 +330,7 @@ def drop_widget_state(path: Path) -> None:
 
 
 # The profile whose committed verdicts open every other profile's summary: what the study found; until
-# it has a verdict, the earlier, smaller profile it supersedes says what was found at that scale.
+# all its runs are in, the earlier, smaller profile it supersedes says what was found at that scale.
 HEADLINE = "decisive"
 EARLIER = "cpu-long"
 
@@ -380,9 +380,9 @@ def _headline_of(P: StudyParams, t: dict) -> list[str]:
     ref = study.tables(H, collect=False)
     figures = [os.path.relpath(f, P.results) for f in sorted((H.results / "figures").glob("*.png"))]
     lines = headline(t, ref, HEADLINE, finished, len(study.plan(H)), figures)
-    if all(v["verdict"] == "not run" for v in ref["verdicts"]) and (E.results / "runs").exists():
+    if finished < len(study.plan(H)) and (E.results / "runs").exists():  # the protocol not complete yet
         n = len(list((E.results / "runs").glob("*/evals.jsonl")))  # recovered records: no done.json
-        earlier = [f"Until then, what the earlier, smaller `{EARLIER}` profile found at its scale ({E.train_images} "
+        earlier = [f"Until it is complete, what the earlier, smaller `{EARLIER}` profile found at its scale ({E.train_images} "
                    f"training images, {E.steps} steps, {len(E.seeds)} seeds, {E.eval_samples} samples per score, "
                    f"{n} runs; superseded by `{HEADLINE}`; `papermill_runs/{EARLIER}/SUMMARY.md`):", ""]
         earlier += [_verdict_line(v) for v in study.tables(E, collect=False)["verdicts"]] + [""]
