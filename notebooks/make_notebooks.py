@@ -116,16 +116,24 @@ for r in R:
     code(IGNORE_FIG + """rows = [{"method": "jit", "resolution": r["resolution"], "seed": r["seed"], "images": e["images"], "loss": e["loss"]}
         for r in R for e in r["metrics"] if "loss" in e]
 plots.show(plots.curves(rows, "loss", title="JiT training loss", y_title="v-loss"), P, "01_loss").show()"""),
+    code(NUM + """# what the figure shows, in words: is the loss still falling at the end?
+for res in (P.low_res, P.high_res):
+    print(stats.loss_words(R, "jit", res))"""),
     md("## FID against training images seen\nEMA samples against the held-out split (labelled with its class mix) at the evaluation points of the run: a small-sample FID, for the shape of the curves."),
     code(IGNORE_FIG + """plots.show(plots.curves(stats.curves(R), title="JiT: FID during training"), P, "01_fid").show()"""),
+    code(NUM + """for res in (P.low_res, P.high_res):
+    print(stats.curve_words(R, "jit", None, res))"""),
     code(NUM + """for row in stats.final_table(R, P.steps):
     print(f"JiT at {row['resolution']} px, end of training: FID {row['fid']:.1f} "
           f"(95% interval over {row['seeds']} seed(s): {row['fid_lo']:.1f} to {row['fid_hi']:.1f}; N = {row['n']} samples)")"""),
     md("## Samples\nThe first EMA's samples at the end of training (seed 0 of each resolution)."),
-    code(IGNORE_FIG + """for res in (P.low_res, P.high_res):
-    s = torch.load(runs[(res, P.seeds[0])] / "samples.pt")
-    plots.show(plots.image_grid(s["images"], ncols=8, title=f"JiT samples at {res} px"), P,
-               f"01_samples_{res}px", height=300).show()"""),
+    code(IGNORE_FIG + """for res in (P.low_res, P.high_res):  # each run's sample grid (samples.png: committed with its logs)
+    run = runs[(res, P.seeds[0])]
+    if run is None:
+        print(f"JiT at {res} px, seed {P.seeds[0]}: not finished yet, no samples")
+        continue
+    plots.show(plots.picture(run / "samples.png", title=f"JiT samples at {res} px (seed {P.seeds[0]})"), P,
+               f"01_samples_{res}px", height=450).show()"""),
 ]
 
 NB["02_repa_failure"] = head(
@@ -147,6 +155,11 @@ print(f"runs: {methods} x {P.low_res} and {P.high_res} px x seeds {list(P.seeds)
 for key in ("eval_precision", "eval_recall"):
     plots.show(plots.curves(stats.curves(R, key), key, title=f"JiT vs JiT + REPA: {key[5:]} during training",
                             y_title=key[5:]), P, f"02_{key[5:]}_vs_images").show()"""),
+    code(NUM + """# what the figures show, in words, against the paper (200-sample curve points: their shape; the verdict below uses the end scores)
+print(stats.curve_words(R, "repa", "jit", P.low_res, -1, paper="REPA ahead at the low resolution"))
+print(stats.curve_words(R, "repa", "jit", P.high_res, +1, paper="REPA ahead early, behind later"))
+for key in ("eval_precision", "eval_recall"):
+    print(stats.curve_words(R, "repa", "jit", P.high_res, key=key))"""),
     md("""## Verdict
 REPA minus JiT end-of-training FID, paired by seed (95% interval, the margin and the minimum detectable
 effect; outcomes after Holm's correction). The paper: negative at the low resolution, positive at the high one."""),
@@ -173,6 +186,8 @@ print(f"{len(rows)} subset records: {methods} x seeds {list(P.seeds)} x most/lea
     code(IGNORE_FIG + """plots.show(plots.bars([{"method": r["arm"], "subset": r["where"], "fid": r["value"]} for r in rows], "fid", "method", "subset",
                       title=f"subset FID of reconstructions from t = {P.hack_t}", y_title="FID"),
            P, "03_subset_fid").show()"""),
+    code(NUM + """# what the figure shows, in words, against the paper
+print(stats.subset_words(study.runs(P)))"""),
     md("""## Verdict
 The interaction, paired by seed: positive if REPA's penalty is larger on the tight clusters."""),
     code(NUM + components(2)),
@@ -190,6 +205,10 @@ runs = {(m, s): study.ensure_run(P, m, P.high_res, s) for m in methods for s in 
 R = [r for r in study.runs(P) if r["resolution"] == P.high_res]
 print(f"runs at {P.high_res} px: {methods} x seeds {list(P.seeds)}")"""),
     code(IGNORE_FIG + """plots.show(plots.curves(stats.curves(R), facet=None, title=f"FID during training at {P.high_res} px"), P, "04_fid_vs_images").show()"""),
+    code(NUM + """# what the figure shows, in words, against the paper (200-sample curve points: their shape)
+for a, b, expect in (("repa", "jit", +1), ("adapter", "repa", -1), ("adapter", "jit", +1), ("pixelrepa", "jit", -1)):
+    if a in methods and b in methods:
+        print(stats.curve_words(R, a, b, P.high_res, expect))"""),
     md("## Alignment during training\nThe head's cosine with its target per logged step (for the masked adapter: over all tokens)."),
     code(IGNORE_FIG + """cos = [{"method": r["arm"], "seed": r["seed"], "images": e["images"], "align_cos": e["align_cos"]}
        for r in R for e in r["metrics"] if "align_cos" in e]
@@ -217,16 +236,26 @@ for col, key in enumerate(("pixel_r2", "cka"), start=1):
                                               arrayminus=[(r[key] - r[key + "_lo"]) if r[key + "_lo"] == r[key + "_lo"] else 0 for r in rs])), 1, col)
 fig.update_xaxes(title_text="t (1 = clean)")
 plots.show(fig, P, "04_probe").show()"""),
+    code(NUM + """# what the figure shows, in words, against the paper's information-asymmetry account
+t = P.probe_ts[len(P.probe_ts) // 2]
+print(stats.probe_words(R, "repa", "jit", P.high_res, t, {"cka": +1, "pixel_r2": -1}))
+if "pixelrepa" in methods:
+    print(stats.probe_words(R, "pixelrepa", "jit", P.high_res, t, paper="the masked adapter keeps the pixel R^2 near JiT's"))
+if "adapter" in methods:
+    print(stats.probe_words(R, "adapter", "jit", P.high_res, t))"""),
     md("""## Verdict
 End-of-training FID differences paired by seed. The paper: adapter < REPA, adapter > JiT, PixelREPA < JiT.
 Then the dose-response arms (secondary): each method at 4x its coefficient against itself."""),
     code(NUM + components(3) + """
 for d in T["dose"]:
     print(f"dose: {d['a']} - {d['b']}: {d['diff']:.1f} [{d['lo']:.1f}, {d['hi']:.1f}] FID over {d['n_seeds']} seed(s)")"""),
-    code(IGNORE_FIG + """for m in methods:
-    s = __import__("torch").load(runs[(m, P.seeds[0])] / "samples.pt")
-    plots.show(plots.image_grid(s["images"], ncols=8, title=f"{plots.label(m)} samples at {P.high_res} px"), P,
-               f"04_samples_{m}", height=300).show()"""),
+    code(IGNORE_FIG + """for m in methods:  # each run's sample grid (samples.png: committed with its logs)
+    run = runs[(m, P.seeds[0])]
+    if run is None:
+        print(f"{plots.label(m)} at {P.high_res} px, seed {P.seeds[0]}: not finished yet, no samples")
+        continue
+    plots.show(plots.picture(run / "samples.png", title=f"{plots.label(m)} samples at {P.high_res} px (seed {P.seeds[0]})"),
+               P, f"04_samples_{m}", height=450).show()"""),
 ]
 
 NB["05_final_fid"] = head(
@@ -251,6 +280,9 @@ for r in T["memorisation"]:
     code(IGNORE_FIG + """plots.show(plots.curves(stats.curves(R), title="FID against training images seen, every arm"), P, "05_convergence").show()
 plots.show(plots.curves(stats.curves(R, "eval_recall"), "eval_recall", title="recall against training images seen",
                         y_title="recall"), P, "05_recall").show()"""),
+    code(NUM + """# what the figures show, in words, against the paper (200-sample curve points: their shape)
+print(stats.curve_words(R, "pixelrepa", "jit", P.high_res, -1, paper="PixelREPA ahead throughout"))
+print(stats.curve_words(R, "pixelrepa", "jit", P.high_res, key="eval_recall"))"""),
     md("""## Claim 4
 PixelREPA against JiT at the end, and PixelREPA after half the steps against JiT after all of them
 (non-inferiority within the margin: the paper's > 2x faster)."""),

@@ -72,7 +72,19 @@ def image_grid(images, labels=None, class_names=None, ncols: int = 8, title: str
         canvas[y0:y0 + r, x0:x0 + r] = im.transpose(1, 2, 0)
     buf = io.BytesIO()  # a PNG data URI: a fraction of the size of the pixel array in the figure's JSON
     Image.fromarray(canvas).save(buf, format="PNG")
-    fig = go.Figure(go.Image(source="data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()))
+    return _png_figure(buf.getvalue(), title)
+
+
+def picture(path: str | Path, title: str = "") -> go.Figure:
+    """A PNG file as a figure, e.g. a run's committed sample grid (``samples.png``)."""
+    data = Path(path).read_bytes()
+    if not data.startswith(b"\x89PNG"):
+        raise ValueError(f"{path} is not a PNG file")
+    return _png_figure(data, title)
+
+
+def _png_figure(png: bytes, title: str) -> go.Figure:
+    fig = go.Figure(go.Image(source="data:image/png;base64," + base64.b64encode(png).decode()))
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     fig.update_layout(title=title)

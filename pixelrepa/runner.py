@@ -266,12 +266,26 @@ class _QuietKernelManager(AsyncKernelManager):
         self.transport, self.ip = "ipc", str(Path(tempfile.gettempdir()) / f"pixelrepa-kernel-{os.getpid()}-{id(self)}")
 
 
+# What `--report` executes when no notebook is named: the explorers need checkpoints, which a
+# protocol spanning sessions no longer has.
+REPORT_NOTEBOOKS = ("00", "01", "02", "03", "04", "05")
+
+
+def finished_runs(P: study.StudyParams) -> list[Path]:
+    """The planned runs that are finished (`study.finished_run`), in plan order."""
+    return [f for f in (study.finished_run(P, *r) for r in study.plan(P)) if f is not None]
+
+
 def run_profile(P: study.StudyParams, only: list[str] | None = None, force: bool = False,
-                train: bool = True, workers: int = 1) -> Path:
+                train: bool = True, workers: int = 1, report: bool = False) -> Path:
     """Train the profile's runs (with ``train``, when every notebook is asked for: in this process, or
     in ``workers`` processes side by side, with progress), then execute the notebooks in order into the
-    results folder; resume where an earlier call stopped."""
+    results folder; resume where an earlier call stopped. With ``report``: nothing is trained or
+    evaluated; the notebooks (`REPORT_NOTEBOOKS` unless ``only``) show the runs finished so far, and
+    run again when that set or their logs change."""
     import papermill as pm
+    if report:
+        only, train = list(only or REPORT_NOTEBOOKS), False
     nbs = [nb for nb in notebooks() if not only or any(nb.name.startswith(o) for o in only)]
     if not nbs:
         raise ValueError(f"no notebook matches {only}; notebooks: {[nb.name for nb in notebooks()]}")
@@ -283,7 +297,14 @@ def run_profile(P: study.StudyParams, only: list[str] | None = None, force: bool
     params = asdict(P)
     params = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
     key_params = json.dumps({k: v for k, v in params.items() if k != "progress"}, sort_keys=True).encode()
-    keys = {nb.name: _digest(key_params, nb.read_bytes()) for nb in nbs}
+    logs = []  # a report's notebooks depend on which runs are finished and on their logs
+    if report:
+        runs = finished_runs(P)
+        print(f"[study] report only: {len(runs)} of {len(study.plan(P))} planned runs finished; the notebooks "
+              f"show those and train nothing", flush=True)
+        logs = [f.name.encode() + (f / n).read_bytes() for f in runs for n in ("done.json", "metrics.jsonl", "evals.jsonl")
+                if (f / n).exists()]
+    keys = {nb.name: _digest(key_params, nb.read_bytes(), *logs) for nb in nbs}
     todo = [nb for nb in nbs if force or _key(state.get(nb.name)) != keys[nb.name] or not (out / nb.name).exists()]
     clock = Clock()
     if train and not only and todo:  # the notebooks would train these one by one, out of the terminal's sight
@@ -300,6 +321,8 @@ def run_profile(P: study.StudyParams, only: list[str] | None = None, force: bool
               f"({clock.status({'notebook': len(todo) + 1})})", flush=True)
         t = time.monotonic()
         try:
+            if report:  # the notebook's kernel inherits it: study.ensure_run then trains nothing
+                os.environ[study.REPORT_ONLY] = "1"
             pm.execute_notebook(str(nb), str(target), parameters=params, cwd=str(study.NOTEBOOK_DIR),
                                 kernel_name="python3", progress_bar=False, log_output=False,
                                 kernel_manager_class=_QuietKernelManager)
@@ -308,6 +331,9 @@ def run_profile(P: study.StudyParams, only: list[str] | None = None, force: bool
                                f"executed notebook, papermill's injected-parameters cell included; execution "
                                f"count {err.exec_count}): {err.ename}: {err.evalue}; the executed notebook, error "
                                f"included, is {target}; rerun to resume from this notebook") from None
+        finally:
+            if report:
+                os.environ.pop(study.REPORT_ONLY, None)
         clock.done("notebook", time.monotonic() - t)
         drop_widget_state(target)
         state[nb.name] = {"key": keys[nb.name], "seconds": round(time.monotonic() - t, 1)}
@@ -333,6 +359,7 @@ def drop_widget_state(path: Path) -> None:
 # all its runs are in, the earlier, smaller profile it supersedes says what was found at that scale.
 HEADLINE = "decisive"
 EARLIER = "cpu-long"
+HEADLINE_FIGURES = ("05_convergence", "03_subset_fid", "04_probe", "04_samples_jit", "04_samples_pixelrepa")
 
 
 def headline(t: dict, ref: dict, ref_name: str, finished: int, planned: int, figures=()) -> list[str]:
@@ -378,7 +405,8 @@ def _headline_of(P: StudyParams, t: dict) -> list[str]:
     if not finished:
         return []
     ref = study.tables(H, collect=False)
-    figures = [os.path.relpath(f, P.results) for f in sorted((H.results / "figures").glob("*.png"))]
+    figures = [os.path.relpath(H.results / "figures" / f"{name}.png", P.results) for name in HEADLINE_FIGURES
+               if (H.results / "figures" / f"{name}.png").exists()]
     lines = headline(t, ref, HEADLINE, finished, len(study.plan(H)), figures)
     if finished < len(study.plan(H)) and (E.results / "runs").exists():  # the protocol not complete yet
         n = len(list((E.results / "runs").glob("*/evals.jsonl")))  # recovered records: no done.json
@@ -402,6 +430,10 @@ def write_summary(P: StudyParams) -> Path:
              f"`papermill_runs/profiles/{P.profile}.yaml`. Every number here is computed from the run logs by "
              f"`pixelrepa.stats` (README, Protocol).", ""]
     lines += _headline_of(P, t)
+    finished, planned = len(list((P.results / "runs").glob("*/done.json"))), len(study.plan(P))
+    if 0 < finished < planned:
+        lines += [f"**Interim: {finished} of the {planned} planned runs are finished.** Every number below is "
+                  f"computed from those; the verdicts are final only when all are in (the rules do not change).", ""]
     if t["verdicts"]:
         lines += [f"## Verdicts of this profile (`{P.profile}`)", ""] + [_verdict_line(v) for v in t["verdicts"]] + [""]
     for name, title in (("final", "End scores (mean and 95% t-interval over seeds)"),

@@ -413,6 +413,140 @@ def describe(verdict: dict) -> str:
     return f"Claim {verdict['claim']} ({verdict['title']}): {v}; this profile {agree}. {verdict['evidence']}."
 
 
+# ----------------------------------------------------------------------------- what a figure shows, in words
+
+_SIGN_WORD = {-1: "lower", +1: "higher"}
+
+
+def _ci(values, f: str) -> str:
+    """' (95% interval lo to hi)' over seeds, or nothing for a single seed."""
+    m, lo, hi = mean_interval(values)
+    return "" if math.isnan(lo) else f" (95% interval {lo:{f}} to {hi:{f}})"
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed" + ("" if n == 1 else "s")
+
+
+def curve_words(runs: list[dict], a: str, b: str | None, resolution: int, expect: int = 0,
+                key: str = "eval_fid", paper: str = "") -> str:
+    """One sentence on a convergence figure at one resolution. With ``b``: a - b at the first and the
+    last evaluation (each the mean over the seeds both arms have there) and at how many evaluations a
+    is below b; with ``expect`` (+1 or -1, the sign of a - b the paper expects late in training),
+    whether the last evaluation agrees. Without ``b``: a's first and last value, and its lowest."""
+    rows = [r for r in curves(runs, key) if r["resolution"] == resolution]
+    name = key.removeprefix("eval_").replace("_", " ")
+    name = "FID" if name == "fid" else name
+    f = ".1f" if name == "FID" else ".3f"  # the precision the notebooks print (and nbval compares) elsewhere
+
+    def at(arm):  # step -> (images, {seed: value})
+        out = {}
+        for r in rows:
+            if r["method"] == arm:
+                out.setdefault(r["step"], (r["images"], {}))[1][r["seed"]] = r[key]
+        return out
+    pa = at(a)
+    if b is None:
+        if not pa:
+            return f"At {resolution} px, {a} has no {name} evaluations yet."
+        steps = sorted(pa)
+        mean = {s: float(np.mean(list(pa[s][1].values()))) for s in steps}
+        low = min(steps, key=mean.get)
+        return (f"At {resolution} px, {a}'s {name} (mean over {_seeds(len(pa[steps[-1]][1]))}) goes from "
+                f"{mean[steps[0]]:{f}} at {pa[steps[0]][0]:,} images to {mean[steps[-1]]:{f}} at "
+                f"{pa[steps[-1]][0]:,}; lowest {mean[low]:{f}} at {pa[low][0]:,}.")
+    pb = at(b)
+    diffs = {}
+    for s in sorted(set(pa) & set(pb)):
+        common = sorted(set(pa[s][1]) & set(pb[s][1]))
+        if common:
+            diffs[s] = (pa[s][0], [pa[s][1][k] - pb[s][1][k] for k in common])
+    if not diffs:
+        return f"At {resolution} px there is no {name} evaluation with both {a} and {b} yet."
+    steps = sorted(diffs)
+    (i0, v0), (i1, v1) = diffs[steps[0]], diffs[steps[-1]]
+    d0, d1 = float(np.mean(v0)), float(np.mean(v1))
+    below = sum(np.mean(diffs[s][1]) < 0 for s in steps)
+    text = (f"At {resolution} px, {a} - {b} in {name} (mean over the {_seeds(len(v1))} with both): {d0:+{f}} at "
+            f"{i0:,} images, {d1:+{f}}{_ci(v1, f)} at {i1:,}; {a} is below {b} at {below} of {len(steps)} evaluations.")
+    if expect:
+        text += (f" The paper expects {a} {_SIGN_WORD[expect]} than {b} late in training"
+                 + (f" ({paper})" if paper else "") + ": the last evaluation goes "
+                 + ("that way." if d1 * expect > 0 else "the other way."))
+    elif paper:
+        text += f" The paper: {paper}."
+    return text
+
+
+def probe_words(runs: list[dict], a: str, b: str, resolution: int, t: float,
+                expect: dict[str, int] | None = None, paper: str = "") -> str:
+    """One sentence on the probe figure: a's linear CKA with the encoder and pixel R^2 at ``t`` against
+    b's (a - b paired by seed, mean over the seeds both have), and for each key in ``expect`` (its sign
+    of a - b by the paper's account) whether it agrees; ``paper``: what the account says otherwise."""
+    cell = {}
+    for r in runs:
+        if r["resolution"] == resolution and r["arm"] in (a, b):
+            for e in r["evals"]:
+                if e.get("kind") == "probe" and e.get("t") == t:
+                    cell.setdefault(r["arm"], {})[r["seed"]] = e
+    common = sorted(set(cell.get(a, {})) & set(cell.get(b, {})))
+    if not common:
+        return f"At {resolution} px and t = {t} there is no probe of both {a} and {b} yet."
+    parts, verdicts = [], []
+    for key, name in (("cka", "CKA with the encoder"), ("pixel_r2", "pixel R^2")):
+        va = float(np.mean([cell[a][s][key] for s in common]))
+        vb = float(np.mean([cell[b][s][key] for s in common]))
+        d = [cell[a][s][key] - cell[b][s][key] for s in common]
+        parts.append(f"{name} {va:.3f} against {vb:.3f} ({va - vb:+.3f}{_ci(d, '.3f')})")
+        if expect and expect.get(key):
+            verdicts.append(f"{name} {_SIGN_WORD[expect[key]]} ({'so it is' if (va - vb) * expect[key] > 0 else 'it is not'})")
+    text = f"At {resolution} px and t = {t}, {a} against {b} ({_seeds(len(common))}): " + "; ".join(parts) + "."
+    if verdicts:
+        text += f" The paper's account predicts {' and '.join(verdicts)}."
+    if paper:
+        text += f" The paper's account: {paper}."
+    return text
+
+
+def subset_words(runs: list[dict], a: str = "repa", b: str = "jit") -> str:
+    """One sentence on the subset-FID figure: a - b on the most and on the least centroid-similar
+    images (mean over the seeds that have both subsets of both arms) and their difference, the
+    interaction the paper expects to be positive."""
+    rows = subset_scores(runs)
+    s_most, d_most, _ = _paired(rows, a, b, "most")
+    s_least, d_least, _ = _paired(rows, a, b, "least")
+    common = sorted(set(s_most) & set(s_least))
+    if not common:
+        return f"There is no seed with subset scores of both {a} and {b} yet."
+    most = float(np.mean([d_most[s_most.index(s)] for s in common]))
+    least = float(np.mean([d_least[s_least.index(s)] for s in common]))
+    return (f"{a} - {b} in subset FID ({_seeds(len(common))}): {most:+.1f} on the most-similar images, {least:+.1f} "
+            f"on the least-similar; the interaction (most - least) is {most - least:+.1f}. The paper expects it "
+            f"positive ({a}'s penalty larger on tight clusters): " + ("it is." if most - least > 0 else "it is not."))
+
+
+def loss_words(runs: list[dict], arm: str, resolution: int, key: str = "loss") -> str:
+    """One sentence on a training-loss figure: the mean logged loss over the first and the last tenth
+    of training, and the change from the third quarter to the last (is it still falling?), mean over
+    the arm's seeds."""
+    logs = [[e for e in r["metrics"] if key in e] for r in runs if r["arm"] == arm and r["resolution"] == resolution]
+    logs = [g for g in logs if len(g) >= 2]
+    if not logs:
+        return f"At {resolution} px, {arm} has no training log yet."
+
+    def window(g, lo, hi):
+        n = len(g)
+        part = g[int(lo * n):max(int(hi * n), int(lo * n) + 1)]
+        return float(np.mean([e[key] for e in part]))
+    first, last = (float(np.mean([window(g, lo, hi) for g in logs])) for lo, hi in ((0, 0.1), (0.9, 1.0)))
+    q3, q4 = (float(np.mean([window(g, lo, hi) for g in logs])) for lo, hi in ((0.5, 0.75), (0.75, 1.0)))
+    change = (q4 - q3) / q3
+    state = "still falling" if change < -0.02 else ("rising" if change > 0.02 else "flat within 2%")
+    return (f"At {resolution} px, {arm}'s training loss (mean over {_seeds(len(logs))}) goes from {first:.3f} in "
+            f"the first tenth of training to {last:.3f} in the last; from the third quarter to the last it "
+            f"changes by {change:+.1%}: {state}.")
+
+
 def _subset_table(runs: list[dict]) -> list[dict]:
     rows = subset_scores(runs)
     out = []

@@ -2,6 +2,7 @@
 
     python -m pixelrepa.study --profile quick          # what `make study` runs
     python -m pixelrepa.study --profile cpu --train-only   # only the training runs, resumable
+    python -m pixelrepa.study --profile decisive --report  # the notebooks on the runs finished so far
 
 A profile is a papermill parameter file, ``papermill_runs/profiles/<name>.yaml``, holding values for
 the ``StudyParams`` fields. Every notebook opens with the same ``parameters`` cell and turns it into a
@@ -267,8 +268,11 @@ def ensure_run(P: StudyParams, method: str, resolution: int, seed: int, wait: bo
     Trains in this process, or through torchrun when ``P.nproc > 1``. A run is finished when its
     ``done.json`` matches the configuration; one made with other settings is an error, not reused.
     One process at a time works on a run (a lock file, let go when its process ends, however it
-    ends): another waits for it, or with ``wait=False`` gets None at once.
+    ends): another waits for it, or with ``wait=False`` gets None at once. Under `report_only`, it
+    trains nothing: `finished_run`.
     """
+    if report_only():
+        return finished_run(P, method, resolution, seed)
     cfg = run_config(P, method, resolution, seed)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -281,6 +285,33 @@ def ensure_run(P: StudyParams, method: str, resolution: int, seed: int, wait: bo
             print(f"[study] {out.name}: another process is training it; waiting", flush=True)
             fcntl.flock(lock, fcntl.LOCK_EX)
         return _ensure_run(P, cfg, out)
+
+
+# Set (to anything but 0) by `--report`: ensure_run trains nothing and evaluates nothing; the notebooks
+# use the runs already finished, here or as committed copies (a protocol that spans sessions, whose
+# checkpoints do not outlive the session that trained them, is reported from its logs).
+REPORT_ONLY = "PIXELREPA_REPORT_ONLY"
+
+
+def report_only() -> bool:
+    return os.environ.get(REPORT_ONLY, "") not in ("", "0")
+
+
+def finished_run(P: StudyParams, method: str, resolution: int, seed: int) -> Path | None:
+    """The finished run's folder: under ``runs_dir`` (with its checkpoints), else its committed copy next
+    to the results (logs, evaluation records and sample grid only); None if neither is finished. A
+    finished run made with other settings is an error, as in `ensure_run`."""
+    want = json.loads(json.dumps(_record(run_config(P, method, resolution, seed))))
+    here = run_dir(P, method, resolution, seed)
+    for folder in (here, P.results / "runs" / here.name):
+        done = folder / "done.json"
+        if done.exists():
+            rec = json.loads(done.read_text())
+            if rec != want:
+                diff = {k: (rec.get(k), v) for k, v in want.items() if rec.get(k) != v}
+                raise ValueError(f"{folder} holds a finished run with other settings {diff} (finished vs asked)")
+            return folder
+    return None
 
 
 def _ensure_run(P: StudyParams, cfg, out: Path) -> Path:
@@ -485,6 +516,9 @@ def main(argv=None):
     p.add_argument("--train-only", action="store_true",
                    help="train every run the notebooks need, nothing else; workers started alike share the "
                         "plan (e.g. one single-threaded process per core: small models train faster that way)")
+    p.add_argument("--report", action="store_true",
+                   help="train and evaluate nothing: execute the notebooks (00-05 unless --notebooks) on the runs "
+                        "finished so far, here or committed (a protocol that spans sessions), and write the summary")
     p.add_argument("--force", action="store_true", help="re-execute notebooks already done")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="train the runs in N processes side by side, each with cores/N threads (small CPU "
@@ -493,6 +527,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.workers < 1:
         p.error(f"--workers must be at least 1, got {a.workers}")
+    if a.report and a.train_only:
+        p.error("--report trains nothing and --train-only only trains: choose one")
     try:
         P = load_profile(a.profile)
     except ValueError as err:
@@ -505,7 +541,7 @@ def main(argv=None):
         elif a.train_only:
             runner.train_runs(P, runner.Clock(), wait=False, start=a.start)
         else:
-            runner.run_profile(P, a.notebooks, a.force, workers=a.workers)
+            runner.run_profile(P, a.notebooks, a.force, workers=a.workers, report=a.report)
     except (RuntimeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -153,3 +153,56 @@ def test_scores_fall_back_to_the_training_log_and_average_sampling_seeds(tmp_pat
     rows = {r["arm"]: r for r in stats.scores(stats.load_runs(tmp_path / "runs"), 10)}
     assert rows["jit"]["value"] == 55.5 and rows["jit"]["source"] == "training-log curve point"
     assert rows["repa"]["value"] == 42.0 and rows["repa"]["n"] == 99
+
+
+# ----------------------------------------------------------------------------- a figure in words
+
+def _curve_runs(tmp_path, curves: dict, res=64):
+    """Runs whose training logs hold FID curve points: curves[(arm, seed)] = [(step, fid), ...]."""
+    for (arm, seed), pts in curves.items():
+        d = tmp_path / "runs" / f"{arm}-{res}px-s{seed}"
+        d.mkdir(parents=True)
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "images": 10 * s, "eval_fid": f}) + "\n"
+                                                 for s, f in pts))
+    return stats.load_runs(tmp_path / "runs")
+
+
+def test_curve_words_pair_by_seed_and_judge_the_last_point_against_the_paper(tmp_path):
+    # seed 0: repa - jit = +4 then -2; seed 1: +2 then -6; seed 2 has no jit run, so it is left out
+    R = _curve_runs(tmp_path, {("jit", 0): [(100, 50), (200, 40)], ("repa", 0): [(100, 54), (200, 38)],
+                               ("jit", 1): [(100, 60), (200, 50)], ("repa", 1): [(100, 62), (200, 44)],
+                               ("repa", 2): [(100, 0), (200, 0)]})
+    text = stats.curve_words(R, "repa", "jit", 64, +1, paper="behind later")
+    assert "(mean over the 2 seeds with both): +3.0 at 1,000 images, -4.0 (95% interval" in text
+    assert "repa is below jit at 1 of 2 evaluations" in text
+    assert text.endswith("The paper expects repa higher than jit late in training (behind later): "
+                         "the last evaluation goes the other way.")
+    assert stats.curve_words(R, "repa", "jit", 64, -1).endswith("the last evaluation goes that way.")
+    # the last point's interval over the two seeds: -4 +- t(0.975, 1) * sd(-2, -6) / sqrt(2) = -4 +- 12.706 * 2
+    assert "-4.0 (95% interval -29.4 to 21.4) at 2,000" in text
+    assert "no FID evaluation with both" in stats.curve_words(R, "repa", "jit", 32)
+    alone = stats.curve_words(R, "jit", None, 64)  # jit's mean: 55 then 45
+    assert alone == "At 64 px, jit's FID (mean over 2 seeds) goes from 55.0 at 1,000 images to 45.0 at 2,000; lowest 45.0 at 2,000."
+
+
+def test_probe_subset_and_loss_words_by_hand(tmp_path):
+    runs = {("jit", 64, 0): [{"kind": "probe", "t": 0.5, "cka": 0.20, "pixel_r2": 0.80},
+                             {"kind": "subset", "subset": "most", "fid": 30.0}, {"kind": "subset", "subset": "least", "fid": 40.0}],
+            ("repa", 64, 0): [{"kind": "probe", "t": 0.5, "cka": 0.30, "pixel_r2": 0.82},
+                              {"kind": "subset", "subset": "most", "fid": 35.0}, {"kind": "subset", "subset": "least", "fid": 39.0}]}
+    _write_runs(tmp_path / "runs", runs)
+    R = stats.load_runs(tmp_path / "runs")
+    text = stats.probe_words(R, "repa", "jit", 64, 0.5, {"cka": +1, "pixel_r2": -1})
+    assert "CKA with the encoder 0.300 against 0.200 (+0.100); pixel R^2 0.820 against 0.800 (+0.020)" in text
+    assert text.endswith("predicts CKA with the encoder higher (so it is) and pixel R^2 lower (it is not).")
+    assert "no probe of both" in stats.probe_words(R, "repa", "jit", 64, 0.25)
+    sub = stats.subset_words(R)  # most: +5, least: -1, interaction +6
+    assert "+5.0 on the most-similar images, -1.0 on the least-similar; the interaction (most - least) is +6.0" in sub
+    assert sub.endswith("tight clusters): it is.")
+    d = tmp_path / "runs" / "jit-64px-s0"  # a loss of 1.0 for 50 steps, then 0.9, 0.8 in the third and last quarter
+    losses = [1.0] * 50 + [0.9] * 25 + [0.8] * 25
+    (d / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": v}) + "\n" for i, v in enumerate(losses)))
+    words = stats.loss_words(stats.load_runs(tmp_path / "runs"), "jit", 64)
+    assert "goes from 1.000 in the first tenth of training to 0.800 in the last" in words
+    assert words.endswith(f"changes by {(0.8 - 0.9) / 0.9:+.1%}: still falling.")
+    assert "no training log" in stats.loss_words(R, "repa", 64)

@@ -1,5 +1,6 @@
 """The study layer: profiles, notebooks' parameters cells, the runner's resume and failure report."""
 import dataclasses
+import os
 import json
 import subprocess
 
@@ -8,7 +9,7 @@ import papermill as pm
 import pytest
 
 from conftest import PYTHON, run_env
-from pixelrepa import runner, stats, study
+from pixelrepa import plots, runner, stats, study
 
 NOTEBOOKS = runner.notebooks()
 
@@ -431,3 +432,67 @@ def test_workers_must_be_at_least_one(capsys):
     with pytest.raises(SystemExit):
         study.main(["--profile", "smoke", "--workers", "0"])
     assert "--workers must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_a_report_trains_nothing_and_uses_the_finished_runs_here_or_committed(tmp_path, monkeypatch):
+    P = study.StudyParams(runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "results"), methods=["jit"],
+                          progress=False)
+    record = json.dumps(study._record(study.run_config(P, "jit", P.low_res, 0)))
+    here = study.run_dir(P, "jit", P.low_res, 0)  # finished in this session: its checkpoints are here
+    here.mkdir(parents=True)
+    (here / "done.json").write_text(record)
+    committed = P.results / "runs" / "jit-64px-s0"  # finished in an earlier session: only its committed logs
+    committed.mkdir(parents=True)
+    (committed / "done.json").write_text(json.dumps(study._record(study.run_config(P, "jit", P.high_res, 0))))
+    monkeypatch.setattr(study, "train", lambda cfg: pytest.fail("a report must not train"))
+    monkeypatch.setenv(study.REPORT_ONLY, "1")
+    assert study.ensure_run(P, "jit", P.low_res, 0) == here
+    assert study.ensure_run(P, "jit", P.high_res, 0) == committed
+    assert study.ensure_run(P, "jit", P.low_res, 1) is None and not study.run_dir(P, "jit", P.low_res, 1).exists()
+    assert runner.finished_runs(dataclasses.replace(P, seeds=(0, 1))) == [here, committed]
+    (committed / "done.json").write_text(json.dumps({**json.loads(record), "blr": 1.0}))
+    with pytest.raises(ValueError, match="other settings.*'blr'"):
+        study.ensure_run(P, "jit", P.high_res, 0)
+    monkeypatch.setenv(study.REPORT_ONLY, "0")  # "0" is off: the run would be trained
+    with pytest.raises(pytest.fail.Exception, match="must not train"):
+        study.ensure_run(P, "jit", P.low_res, 1)
+
+
+@pytest.mark.slow
+def test_a_report_executes_its_notebooks_again_when_the_finished_runs_change(tmp_path, monkeypatch, capsys):
+    nbdir = tmp_path / "nbs"
+    nbdir.mkdir()
+    body = (f"import os\nassert os.environ.get('PIXELREPA_REPORT_ONLY') == '1'\n"
+            f"open({str(tmp_path / 'count')!r}, 'a').write('x')")
+    _tiny_notebook(nbdir / "00_first.ipynb", body)
+    _tiny_notebook(nbdir / "06_explorers.ipynb", "raise SystemExit('not in a report')")
+    monkeypatch.setattr(study, "NOTEBOOK_DIR", nbdir)
+    P = study.StudyParams(profile="t", methods=["jit"], results_dir=str(tmp_path / "out"), runs_dir=str(tmp_path / "runs"))
+    run = P.results / "runs" / "jit-32px-s0"
+    run.mkdir(parents=True)
+    (run / "done.json").write_text(json.dumps(study._record(study.run_config(P, "jit", P.low_res, 0))))
+    monkeypatch.setattr(runner, "train_runs", lambda *a, **k: pytest.fail("a report must not train"))
+    summary = runner.run_profile(P, report=True).read_text()
+    assert "report only: 1 of 2 planned runs finished" in capsys.readouterr().out
+    assert "**Interim: 1 of the 2 planned runs are finished.**" in summary
+    runner.run_profile(P, report=True)  # nothing changed: skipped
+    assert (tmp_path / "count").read_text() == "x" and study.REPORT_ONLY not in os.environ
+    (run / "evals.jsonl").write_text(json.dumps({"kind": "score", "step": P.steps, "n": 10, "fid": 5.0}) + "\n")
+    runner.run_profile(P, report=True)  # a run's records changed: executed again
+    assert (tmp_path / "count").read_text() == "xx"
+
+
+def test_report_and_train_only_exclude_each_other(capsys):
+    with pytest.raises(SystemExit):
+        study.main(["--profile", "smoke", "--report", "--train-only"])
+    assert "--report trains nothing and --train-only only trains" in capsys.readouterr().err
+
+
+def test_a_picture_figure_shows_a_png_file_and_refuses_anything_else(tmp_path):
+    from PIL import Image
+    Image.new("RGB", (6, 4), (255, 0, 0)).save(tmp_path / "s.png")
+    fig = plots.picture(tmp_path / "s.png", title="grid")
+    assert fig.data[0].source.startswith("data:image/png;base64,") and fig.layout.title.text == "grid"
+    (tmp_path / "s.txt").write_text("not an image")
+    with pytest.raises(ValueError, match="is not a PNG file"):
+        plots.picture(tmp_path / "s.txt")
