@@ -74,6 +74,12 @@ class Clock:
         return f"{minutes(time.monotonic() - self.start)} so far, {tail}"
 
 
+def stop_file(P: study.StudyParams) -> Path:
+    """``runs/<profile>/STOP``: while it exists, no training process starts another run; those under way
+    finish (with their evaluations). For a session that ends before the next run could finish."""
+    return study.output_path(P.runs_dir) / P.profile / "STOP"
+
+
 def train_runs(P: study.StudyParams, clock: Clock, wait: bool = True, start: int = 0) -> None:
     """Train (and evaluate) every run of the plan in this process, printing which one and the profile's
     time. With ``wait``, a run another process holds is waited for; without, it is skipped (workers
@@ -84,8 +90,12 @@ def train_runs(P: study.StudyParams, clock: Clock, wait: bool = True, start: int
     if todo:
         study.prepare_data(P)
     order = list(range(len(runs)))
+    stop = stop_file(P)
     for k in order[start:] + order[:start]:
         m, res, seed = runs[k]
+        if (m, res, seed) in todo and stop.exists():
+            print(f"[study] {stop} exists: no further run is started (delete it to go on)", flush=True)
+            return
         if (m, res, seed) not in todo or (study.run_dir(P, m, res, seed) / "done.json").exists():
             if (m, res, seed) in todo:  # finished meanwhile, by another worker
                 todo.remove((m, res, seed))

@@ -496,3 +496,19 @@ def test_a_picture_figure_shows_a_png_file_and_refuses_anything_else(tmp_path):
     (tmp_path / "s.txt").write_text("not an image")
     with pytest.raises(ValueError, match="is not a PNG file"):
         plots.picture(tmp_path / "s.txt")
+
+
+def test_a_stop_file_lets_the_runs_under_way_finish_and_starts_no_other(tmp_path, monkeypatch, capsys):
+    P = study.StudyParams(runs_dir=str(tmp_path), methods=("jit", "repa"), progress=False)
+    monkeypatch.setattr(study, "prepare_data", lambda P: None)
+    trained = []
+
+    def ensure(P, m, res, seed, wait=True):  # the first run asks for the stop while it trains
+        trained.append((m, res))
+        runner.stop_file(P).parent.mkdir(parents=True, exist_ok=True)
+        runner.stop_file(P).write_text("")
+        return tmp_path
+    monkeypatch.setattr(study, "ensure_run", ensure)
+    runner.train_runs(P, runner.Clock())
+    assert trained == [("jit", 32)] and runner.stop_file(P) == tmp_path / P.profile / "STOP"
+    assert f"{runner.stop_file(P)} exists: no further run is started" in capsys.readouterr().out
