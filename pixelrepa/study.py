@@ -298,9 +298,9 @@ def report_only() -> bool:
 
 
 def finished_run(P: StudyParams, method: str, resolution: int, seed: int) -> Path | None:
-    """The finished run's folder: under ``runs_dir`` (with its checkpoints), else its committed copy next
-    to the results (logs, evaluation records and sample grid only); None if neither is finished. A
-    finished run made with other settings is an error, as in `ensure_run`."""
+    """The finished run's folder (trained and evaluated: `evaluated`): under ``runs_dir`` (with its
+    checkpoints), else its committed copy next to the results (logs, evaluation records and sample grid
+    only); None if neither is. A finished run made with other settings is an error, as in `ensure_run`."""
     want = json.loads(json.dumps(_record(run_config(P, method, resolution, seed))))
     here = run_dir(P, method, resolution, seed)
     for folder in (here, P.results / "runs" / here.name):
@@ -310,7 +310,8 @@ def finished_run(P: StudyParams, method: str, resolution: int, seed: int) -> Pat
             if rec != want:
                 diff = {k: (rec.get(k), v) for k, v in want.items() if rec.get(k) != v}
                 raise ValueError(f"{folder} holds a finished run with other settings {diff} (finished vs asked)")
-            return folder
+            if evaluated(P, folder):
+                return folder
     return None
 
 
@@ -339,6 +340,27 @@ def _ensure_run(P: StudyParams, cfg, out: Path) -> Path:
     return out
 
 
+def missing_evals(P: StudyParams, name: str, have: list[dict]) -> tuple[list[tuple[int, int]], bool, bool]:
+    """What the evaluation records ``have`` of run ``name`` still lack: the (step, sampling seed) end
+    scores, whether the feature-hacking subsets, whether the pixel probe (`ensure_evals` adds them)."""
+    arm, res, _ = parse_run(name)
+
+    def missing(**kw):
+        return not any(all(r.get(k) == v for k, v in kw.items()) for r in have)
+    todo = [(step, P.eval_seed + k) for step in [P.steps] + ([P.steps // 2] if arm in (P.half_scores or ()) else [])
+            for k in range(P.final_sample_seeds)
+            if P.final_samples and missing(kind="score", step=step, n=P.final_samples, sample_seed=P.eval_seed + k)]
+    return (todo, bool(P.hack_per_class and res == P.high_res and missing(kind="subset")),
+            bool(P.probe_images and missing(kind="probe")))
+
+
+def evaluated(P: StudyParams, folder: Path) -> bool:
+    """A run folder with ``done.json`` and every evaluation record the profile asks for: what is reported
+    and committed (training ends before the evaluations are written)."""
+    from .stats import read_jsonl
+    return (folder / "done.json").exists() and not any(missing_evals(P, folder.name, read_jsonl(folder / "evals.jsonl")))
+
+
 def ensure_evals(P: StudyParams, out: Path) -> list[dict]:
     """The evaluation records of a finished run (``evals.jsonl``), computed where missing, while its
     checkpoints are still here (they are not committed; the records are): the score at the end with
@@ -354,9 +376,6 @@ def ensure_evals(P: StudyParams, out: Path) -> list[dict]:
     path = out / "evals.jsonl"
     have = read_jsonl(path)
 
-    def missing(**kw):
-        return not any(all(r.get(k) == v for k, v in kw.items()) for r in have)
-
     def add(rec):
         rec = rounded(rec, 6)
         with open(path, "a") as f:  # one line per record: a kill loses at most the record being written
@@ -364,11 +383,7 @@ def ensure_evals(P: StudyParams, out: Path) -> list[dict]:
         have.append(rec)
 
     device = "cuda" if P.device == "cuda" else "cpu"
-    todo = [(step, P.eval_seed + k) for step in [P.steps] + ([P.steps // 2] if arm in (P.half_scores or ()) else [])
-            for k in range(P.final_sample_seeds)
-            if P.final_samples and missing(kind="score", step=step, n=P.final_samples, sample_seed=P.eval_seed + k)]
-    need_subset = P.hack_per_class and res == P.high_res and missing(kind="subset")
-    need_probe = P.probe_images and missing(kind="probe")
+    todo, need_subset, need_probe = missing_evals(P, out.name, have)
     if not (todo or need_subset or need_probe):
         return have
     ds, targets = study_data(P, res)
@@ -497,7 +512,7 @@ def collect_runs(P: StudyParams) -> None:
     next to the notebooks, where they are committed: every table is computed from these copies."""
     for m, res, seed in plan(P):
         src = run_dir(P, m, res, seed)
-        if not (src / "done.json").exists():
+        if not evaluated(P, src):  # still training or evaluating
             continue
         dst = P.results / "runs" / src.name
         dst.mkdir(parents=True, exist_ok=True)

@@ -447,9 +447,18 @@ def test_a_report_trains_nothing_and_uses_the_finished_runs_here_or_committed(tm
     monkeypatch.setattr(study, "train", lambda cfg: pytest.fail("a report must not train"))
     monkeypatch.setenv(study.REPORT_ONLY, "1")
     assert study.ensure_run(P, "jit", P.low_res, 0) == here
+    # trained but not yet evaluated (its subset scores at high_res are missing): neither reported nor collected
+    assert study.ensure_run(P, "jit", P.high_res, 0) is None
+    (committed / "evals.jsonl").write_text(json.dumps({"kind": "subset", "subset": "most", "fid": 1.0}) + "\n")
     assert study.ensure_run(P, "jit", P.high_res, 0) == committed
     assert study.ensure_run(P, "jit", P.low_res, 1) is None and not study.run_dir(P, "jit", P.low_res, 1).exists()
     assert runner.finished_runs(dataclasses.replace(P, seeds=(0, 1))) == [here, committed]
+    Q = dataclasses.replace(P, seeds=(0, 1))
+    busy = study.run_dir(Q, "jit", Q.high_res, 1)  # trained here, its evaluations not written yet
+    busy.mkdir(parents=True)
+    (busy / "done.json").write_text(json.dumps(study._record(study.run_config(Q, "jit", Q.high_res, 1))))
+    study.collect_runs(Q)
+    assert (P.results / "runs" / here.name / "done.json").exists() and not (P.results / "runs" / busy.name).exists()
     (committed / "done.json").write_text(json.dumps({**json.loads(record), "blr": 1.0}))
     with pytest.raises(ValueError, match="other settings.*'blr'"):
         study.ensure_run(P, "jit", P.high_res, 0)
