@@ -191,6 +191,16 @@ def _paired(rows, a, b, where, rows_b=None):
     return seeds, np.array([va[s] - vb[s] for s in seeds]), np.array([vb[s] for s in seeds])
 
 
+def _subset_pairs(rows, a, b):
+    """(the seeds with both subsets of both arms, a - b on the most-similar subset and on the
+    least-similar per seed, b's mean over the two subsets per seed): claim 2's interaction."""
+    s_most, d_most, b_most = _paired(rows, a, b, "most")
+    s_least, d_least, b_least = _paired(rows, a, b, "least")
+    common = sorted(set(s_most) & set(s_least))
+    im, il = [s_most.index(s) for s in common], [s_least.index(s) for s in common]
+    return common, d_most[im], d_least[il], (b_most[im] + b_least[il]) / 2
+
+
 def components(runs: list[dict], *, low_res: int, high_res: int, steps: int, floors: dict, margin: float) -> list[dict]:
     """Every paper prediction as a seed-paired component (claim, label, expected sign, test)."""
     final = scores(runs, steps)
@@ -219,11 +229,8 @@ def components(runs: list[dict], *, low_res: int, high_res: int, steps: int, flo
     add(1, f"REPA - JiT at {high_res} px, end of training (paper: REPA worse)", "repa", "jit", high_res, +1,
         floor=floors.get(high_res))
     # claim 2, the interaction: (REPA - JiT) on the most-similar subset minus the same on the least-similar
-    s_most, d_most, b_most = _paired(subsets, "repa", "jit", "most")
-    s_least, d_least, b_least = _paired(subsets, "repa", "jit", "least")
-    common = sorted(set(s_most) & set(s_least))
-    inter = np.array([d_most[s_most.index(s)] - d_least[s_least.index(s)] for s in common])
-    base = np.array([(b_most[s_most.index(s)] + b_least[s_least.index(s)]) / 2 for s in common])
+    _, d_most, d_least, base = _subset_pairs(subsets, "repa", "jit")
+    inter = d_most - d_least
     add(2, "(REPA - JiT) on the most-similar subset minus on the least-similar (paper: > 0)", "repa", "jit",
         "most - least", +1, rows=subsets, diffs=inter, base=base)
     add(3, f"adapter - REPA at {high_res} px (paper: adapter better)", "adapter", "repa", high_res, -1,
@@ -512,14 +519,10 @@ def subset_words(runs: list[dict], a: str = "repa", b: str = "jit") -> str:
     """One sentence on the subset-FID figure: a - b on the most and on the least centroid-similar
     images (mean over the seeds that have both subsets of both arms) and their difference, the
     interaction the paper expects to be positive."""
-    rows = subset_scores(runs)
-    s_most, d_most, _ = _paired(rows, a, b, "most")
-    s_least, d_least, _ = _paired(rows, a, b, "least")
-    common = sorted(set(s_most) & set(s_least))
+    common, d_most, d_least, _ = _subset_pairs(subset_scores(runs), a, b)
     if not common:
         return f"There is no seed with subset scores of both {a} and {b} yet."
-    most = float(np.mean([d_most[s_most.index(s)] for s in common]))
-    least = float(np.mean([d_least[s_least.index(s)] for s in common]))
+    most, least = float(np.mean(d_most)), float(np.mean(d_least))
     return (f"{a} - {b} in subset FID ({_seeds(len(common))}): {most:+.1f} on the most-similar images, {least:+.1f} "
             f"on the least-similar; the interaction (most - least) is {most - least:+.1f}. The paper expects it "
             f"positive ({a}'s penalty larger on tight clusters): " + ("it is." if most - least > 0 else "it is not."))

@@ -308,11 +308,16 @@ def finished_run(P: StudyParams, method: str, resolution: int, seed: int) -> Pat
         if done.exists():
             rec = json.loads(done.read_text())
             if rec != want:
-                diff = {k: (rec.get(k), v) for k, v in want.items() if rec.get(k) != v}
-                raise ValueError(f"{folder} holds a finished run with other settings {diff} (finished vs asked)")
+                raise ValueError(f"{folder} holds a finished run with other settings {_differences(rec, want)} "
+                                 f"(finished vs asked)")
             if evaluated(P, folder):
                 return folder
     return None
+
+
+def _differences(rec: dict, want: dict) -> dict:
+    """{field: (finished, asked)} where a finished run's record differs from the one asked for."""
+    return {k: (rec.get(k), v) for k, v in want.items() if rec.get(k) != v}
 
 
 def _ensure_run(P: StudyParams, cfg, out: Path) -> Path:
@@ -322,7 +327,7 @@ def _ensure_run(P: StudyParams, cfg, out: Path) -> Path:
         if rec == want:
             ensure_evals(P, out)
             return out
-        diff = {k: (rec.get(k), v) for k, v in want.items() if rec.get(k) != v}
+        diff = _differences(rec, want)
         # Only more steps: the learning rate is constant after warm-up and batches and noise are a
         # function of (seed, step), so resuming from the last checkpoint is the longer run itself.
         if set(diff) != {"steps"} or rec["steps"] > cfg.steps:
