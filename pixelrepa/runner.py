@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,11 +81,94 @@ def stop_file(P: study.StudyParams) -> Path:
     return study.output_path(P.runs_dir) / P.profile / "STOP"
 
 
-def train_runs(P: study.StudyParams, clock: Clock, wait: bool = True, start: int = 0) -> None:
+# ----------------------------------------------------------------------------- a session's deadline
+
+def parse_until(text: str, now: float | None = None) -> float:
+    """``--until``: the time (seconds since the epoch) after which no run should still be going: ``HH:MM``
+    (local time, the next such time), ``+MINUTES`` from now, or ``@SECONDS`` since the epoch."""
+    now = time.time() if now is None else now
+    try:
+        if text.startswith("+"):
+            return now + 60 * float(text[1:])
+        if text.startswith("@"):
+            return float(text[1:])
+        hh, mm = (int(v) for v in text.split(":"))
+        if not (0 <= hh < 24 and 0 <= mm < 60):
+            raise ValueError(text)
+    except ValueError:
+        raise ValueError(f"--until takes HH:MM (a clock time), +MINUTES or @SECONDS since the epoch, not {text!r}") from None
+    day = time.localtime(now)
+    at = time.mktime((day.tm_year, day.tm_mon, day.tm_mday, hh, mm, 0, 0, 0, -1))
+    return at if at > now else time.mktime((day.tm_year, day.tm_mon, day.tm_mday + 1, hh, mm, 0, 0, 0, -1))
+
+
+def run_minutes(P: study.StudyParams, folder: Path) -> tuple[float, float | None]:
+    """The measured wall minutes of a finished run: (training, evaluations). Training from its metrics log
+    (each logged interval's images over its rate: the curve's scores and checkpoints included, a
+    restart's set-up too); evaluations from its timing records (`study.TIMES`), None for runs finished
+    before those were written."""
+    from .stats import read_jsonl
+    seconds, images = 0.0, 0
+    for rec in read_jsonl(folder / "metrics.jsonl"):
+        if rec.get("images_per_s"):
+            seconds += (rec["images"] - images) / rec["images_per_s"]
+            images = rec["images"]
+    evals = [r["seconds"] for r in read_jsonl(folder / study.TIMES) if r.get("phase") == "evals"]
+    return seconds / 60, sum(evals) / 60 if evals else None
+
+
+def expected_minutes(P: study.StudyParams, arm: str, res: int) -> tuple[float, float] | None:
+    """How long a run of ``arm`` at ``res`` takes, (training, evaluations) in minutes, from the profile's
+    finished runs at ``res`` (here or committed): the median over those of the same arm, else of its
+    method at another alignment coefficient (a dose arm as its method), else of any arm. Evaluations
+    likewise over the runs that timed theirs; where none did, the training time's share of a run
+    (TRAIN_SHARE). None where no run at ``res`` is finished."""
+    found = {}
+    for folder in (study.output_path(P.runs_dir) / P.profile, P.results / "runs"):
+        for d in sorted(folder.glob("*px-s*")) if folder.is_dir() else ():
+            try:
+                a, r, _ = study.parse_run(d.name)
+            except ValueError:
+                continue
+            if r == res and d.name not in found and study.evaluated(P, d):
+                found[d.name] = (a, run_minutes(P, d))
+    base = (study.split_arm(arm) or (arm,))[0]
+    tiers = (lambda a: a == arm, lambda a: (study.split_arm(a) or (a,))[0] == base, lambda a: True)
+
+    def median_of(k):
+        for same in tiers:
+            values = [t[k] for a, t in found.values() if same(a) and t[k] is not None]
+            if values:
+                return statistics.median(values)
+        return None
+    train, evals = median_of(0), median_of(1)
+    if train is None:
+        return None
+    return train, evals if evals is not None else train * (1 - TRAIN_SHARE) / TRAIN_SHARE
+
+
+def minutes_left(P: study.StudyParams, arm: str, res: int, seed: int) -> float | None:
+    """The expected minutes a run still needs (`expected_minutes`, its training counted from the last step
+    its log records, where it resumes); None where no finished run tells."""
+    t = expected_minutes(P, arm, res)
+    if t is None:
+        return None
+    step, _ = last_step(study.run_dir(P, arm, res, seed) / "metrics.jsonl")
+    return t[0] * (1 - min(step, P.steps) / P.steps) + t[1]
+
+
+def clock_time(at: float) -> str:
+    return time.strftime("%H:%M", time.localtime(at))
+
+
+def train_runs(P: study.StudyParams, clock: Clock, wait: bool = True, start: int = 0,
+               until: float | None = None) -> None:
     """Train (and evaluate) every run of the plan in this process, printing which one and the profile's
     time. With ``wait``, a run another process holds is waited for; without, it is skipped (workers
     started alike share the plan that way). The pass over the plan begins at its run ``start`` and
-    wraps around (`train_parallel` starts its workers at different runs)."""
+    wraps around (`train_parallel` starts its workers at different runs). With ``until`` (seconds since
+    the epoch), a run is started only when it is expected to end by then (`minutes_left`; a run no
+    finished one can time is started): a session's end is filled with the runs that fit."""
     runs = study.plan(P)
     todo = [r for r in runs if not (study.run_dir(P, *r) / "done.json").exists()]
     if todo:
@@ -101,6 +185,12 @@ def train_runs(P: study.StudyParams, clock: Clock, wait: bool = True, start: int
                 todo.remove((m, res, seed))
             study.ensure_run(P, m, res, seed, wait=wait)  # finished: its evaluations, if missing
             continue
+        if until is not None:
+            need = minutes_left(P, m, res, seed)
+            if need is not None and time.time() + 60 * need > until:
+                print(f"[study] run {k + 1}/{len(runs)}: {m} at {res} px, seed {seed} needs about {minutes(60 * need)}: "
+                      f"it would end after {clock_time(until)} (--until), not started", flush=True)
+                continue
         todo.remove((m, res, seed))
         print(f"[study] run {k + 1}/{len(runs)}: {m} at {res} px, seed {seed} "
               f"({clock.status({'run': len(todo) + 1})})", flush=True)
@@ -202,12 +292,14 @@ def parallel_status(P: study.StudyParams, runs, logs: list[str], elapsed: float,
     return f"{head}, {minutes(elapsed)} so far, {eta} | " + " | ".join(parts), head + " | " + " | ".join(shape)
 
 
-def train_parallel(P: study.StudyParams, workers: int, clock: Clock, interval: float = 5.0) -> None:
+def train_parallel(P: study.StudyParams, workers: int, clock: Clock, interval: float = 5.0,
+                   until: float | None = None) -> None:
     """Train the profile's unfinished runs in ``workers`` processes (`train_runs` in each, single-threaded
     when there are as many workers as cores, sharing the plan through the runs' lock files), showing their
     progress here on one line: rewritten in place on a terminal, a new line when something changes (or
     each minute) otherwise. The workers' own output goes to ``<runs_dir>/<profile>/workers/``. A worker
-    that fails stops the others (every run resumes later) and is an error with the end of its log."""
+    that fails stops the others (every run resumes later) and is an error with the end of its log.
+    ``until``: each worker starts only the runs expected to end by then (`train_runs`)."""
     if P.nproc > 1:
         raise ValueError("workers > 1 trains runs side by side on the CPU; this profile trains each run "
                          f"through torchrun with nproc = {P.nproc}: use one worker")
@@ -234,7 +326,8 @@ def train_parallel(P: study.StudyParams, workers: int, clock: Clock, interval: f
         for k, start in enumerate(worker_starts(runs, todo, n)):
             with open(paths[k], "w") as log:
                 procs.append(subprocess.Popen([sys.executable, "-m", "pixelrepa.study", "--profile", str(folder / "profile.yaml"),
-                                               "--train-only", "--start", str(start)], stdout=log,
+                                               "--train-only", "--start", str(start),
+                                               *(["--until", f"@{until}"] if until is not None else [])], stdout=log,
                                               stderr=subprocess.STDOUT, env=env, cwd=str(study.ROOT)))
         while True:
             codes = [p.poll() for p in procs]

@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from . import encoders, stats
 from .config import ConfigError, check_types, refuse, shared
 from .align import DEFAULT_COEF
 from .jit import MODELS, jit_config
-from .storage import atomic_write_text, load_jit
+from .storage import append_log, atomic_write_text, load_jit
 from .train import TrainConfig, cached_targets, train, training_set
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -391,6 +392,7 @@ def ensure_evals(P: StudyParams, out: Path) -> list[dict]:
     todo, need_subset, need_probe = missing_evals(P, out.name, have)
     if not (todo or need_subset or need_probe):
         return have
+    started = time.perf_counter()
     ds, targets = study_data(P, res)
     if todo:
         scfg = SamplerConfig(steps=P.eval_steps, cfg_scale=P.cfg_scale, noise_scale=cfg.noise_scale, t_eps=cfg.t_eps)
@@ -428,7 +430,16 @@ def ensure_evals(P: StudyParams, out: Path) -> list[dict]:
                                          (held.images[:m], held.labels[:m]), targets[:n], ts=P.probe_ts,
                                          noise_scale=cfg.noise_scale, seed=seed):
             add({"kind": "probe", "step": P.steps, **r})
+    # How long they took (what `runner.expected_minutes` plans a session's runs by; a kill loses the line
+    # of the part it cut, and the resumed evaluations write their own).
+    append_log(out / TIMES, {"phase": "evals", "seconds": round(time.perf_counter() - started, 1),
+                             "threads": torch.get_num_threads()})
     return have
+
+
+# A run's timing records (``{"phase": "evals", "seconds": ..., "threads": ...}`` per evaluation pass),
+# committed with its logs. Training's own time is in its metrics log (images over images_per_s).
+TIMES = "times.jsonl"
 
 
 def parse_run(name: str) -> tuple[str, int, int]:
@@ -521,7 +532,7 @@ def collect_runs(P: StudyParams) -> None:
             continue
         dst = P.results / "runs" / src.name
         dst.mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.jsonl", "evals.jsonl", "config.json", "samples.png", "done.json"):
+        for name in ("metrics.jsonl", "evals.jsonl", TIMES, "config.json", "samples.png", "done.json"):
             a, b = src / name, dst / name
             if a.exists() and not (b.exists() and _same_file(a.stat(), b.stat())):
                 shutil.copy2(a, b)  # keeps the time stamp: copied once, however often asked
@@ -543,23 +554,31 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="train the runs in N processes side by side, each with cores/N threads (small CPU "
                         "models train faster so: one per core; `make study` uses every core); default 1")
+    p.add_argument("--until", metavar="TIME",
+                   help="with --train-only: start only the runs expected to end by TIME (HH:MM, or +MINUTES), "
+                        "timed by the profile's finished runs: a session's end filled with the runs that fit")
     p.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)  # a worker's first run (runner.worker_starts)
     a = p.parse_args(argv)
     if a.workers < 1:
         p.error(f"--workers must be at least 1, got {a.workers}")
     if a.report and a.train_only:
         p.error("--report trains nothing and --train-only only trains: choose one")
+    from . import runner
+    if a.until is not None and not a.train_only:
+        p.error("--until applies to --train-only (the notebooks train what they need, whatever the time)")
     try:
         P = load_profile(a.profile)
+        until = runner.parse_until(a.until) if a.until is not None else None
     except ValueError as err:
         p.error(str(err))
     print(P, flush=True)
-    from . import runner
+    if until is not None:
+        print(f"[study] --until {runner.clock_time(until)}: runs are started only when expected to end by then", flush=True)
     try:
         if a.train_only and a.workers > 1:
-            runner.train_parallel(P, a.workers, runner.Clock())
+            runner.train_parallel(P, a.workers, runner.Clock(), until=until)
         elif a.train_only:
-            runner.train_runs(P, runner.Clock(), wait=False, start=a.start)
+            runner.train_runs(P, runner.Clock(), wait=False, start=a.start, until=until)
         else:
             runner.run_profile(P, a.notebooks, a.force, workers=a.workers, report=a.report)
     except (RuntimeError, ValueError) as err:

@@ -3,6 +3,7 @@ import dataclasses
 import os
 import json
 import subprocess
+import time
 
 import nbformat
 import papermill as pm
@@ -298,8 +299,12 @@ def test_a_finished_run_is_scored_at_its_end_and_half_way_each_checkpoint_read_o
     assert loaded == ["ckpt-00000005.pt", "ckpt-00000010.pt"]
     assert "nn_ratio" in recs[1] and "nn_ratio" not in recs[0] and recs[1]["nn_n"] == min(P.train_images, P.eval_real)
     assert recs[1]["fid"] > 0 and recs[1]["reference"].startswith("openclipart eval split at 32 px")
+    times = stats.read_jsonl(out / study.TIMES)  # how long they took, for a session's plan (--until)
+    assert len(times) == 1 and times[0]["phase"] == "evals" and times[0]["seconds"] > 0
+    assert runner.run_minutes(P, out)[1] == pytest.approx(times[0]["seconds"] / 60)
     study.ensure_run(P, "jit", P.low_res, 0)
     assert len(stats.read_jsonl(out / "evals.jsonl")) == 2 and len(loaded) == 2
+    assert len(stats.read_jsonl(out / study.TIMES)) == 1  # nothing evaluated, nothing timed
 
 
 def _tables(folder, fids: dict, steps=100):
@@ -412,11 +417,13 @@ def _tiny(tmp_path, **kw):
 
 def test_parallel_workers_train_the_plan_in_their_own_processes_and_a_failing_one_is_reported(tmp_path, capsys):
     P = _tiny(tmp_path)
-    runner.train_parallel(P, 2, runner.Clock(), interval=0.2)
+    until = runner.parse_until("+600")  # no finished run to time them by: both are started
+    runner.train_parallel(P, 2, runner.Clock(), interval=0.2, until=until)
     said = capsys.readouterr().out
     assert all((study.run_dir(P, *r) / "done.json").exists() for r in study.plan(P))
     logs = [(tmp_path / "runs" / "t" / "workers" / f"worker-{k}.log").read_text() for k in (1, 2)]
     assert "run 1/2: jit at 32 px" in logs[0] and "run 2/2: jit at 64 px" in logs[1]  # one run each, side by side
+    assert all(f"--until {runner.clock_time(until)}: runs are started only when" in log for log in logs)
     assert "in 2 worker processes (1 thread each" in said and "runs 2/2 done" in said
     Q = _tiny(tmp_path / "q")  # a worker that fails: a run directory holding a run with other settings
     bad = study.run_dir(Q, "jit", Q.high_res, 0)
@@ -441,6 +448,7 @@ def test_a_report_trains_nothing_and_uses_the_finished_runs_here_or_committed(tm
     here = study.run_dir(P, "jit", P.low_res, 0)  # finished in this session: its checkpoints are here
     here.mkdir(parents=True)
     (here / "done.json").write_text(record)
+    (here / study.TIMES).write_text(json.dumps({"phase": "evals", "seconds": 60.0, "threads": 1}) + "\n")
     committed = P.results / "runs" / "jit-64px-s0"  # finished in an earlier session: only its committed logs
     committed.mkdir(parents=True)
     (committed / "done.json").write_text(json.dumps(study._record(study.run_config(P, "jit", P.high_res, 0))))
@@ -459,6 +467,7 @@ def test_a_report_trains_nothing_and_uses_the_finished_runs_here_or_committed(tm
     (busy / "done.json").write_text(json.dumps(study._record(study.run_config(Q, "jit", Q.high_res, 1))))
     study.collect_runs(Q)
     assert (P.results / "runs" / here.name / "done.json").exists() and not (P.results / "runs" / busy.name).exists()
+    assert (P.results / "runs" / here.name / study.TIMES).exists()  # its timing committed with its logs
     (committed / "done.json").write_text(json.dumps({**json.loads(record), "blr": 1.0}))
     with pytest.raises(ValueError, match="other settings.*'blr'"):
         study.ensure_run(P, "jit", P.high_res, 0)
@@ -521,3 +530,69 @@ def test_a_stop_file_lets_the_runs_under_way_finish_and_starts_no_other(tmp_path
     runner.train_runs(P, runner.Clock())
     assert trained == [("jit", 32)] and runner.stop_file(P) == tmp_path / P.profile / "STOP"
     assert f"{runner.stop_file(P)} exists: no further run is started" in capsys.readouterr().out
+
+
+def test_until_reads_a_clock_time_minutes_from_now_or_epoch_seconds_and_refuses_anything_else():
+    now = time.mktime((2026, 12, 7, 12, 0, 0, 0, 0, -1))
+    assert runner.parse_until("14:30", now) - now == 2.5 * 3600
+    assert runner.parse_until("11:00", now) - now == 23 * 3600  # past today: tomorrow's
+    assert runner.parse_until("+90", now) - now == 5400 and runner.parse_until("@123.5", now) == 123.5
+    for bad in ("1430", "25:00", "12:60", "+x", "soon", ""):
+        with pytest.raises(ValueError, match="--until takes HH:MM"):
+            runner.parse_until(bad, now)
+    assert runner.clock_time(runner.parse_until("09:05", now)) == "09:05"
+
+
+def _timed_run(folder, train_minutes, eval_minutes=None):
+    """A finished run folder whose metrics log says it trained ``train_minutes`` (two intervals) and,
+    where given, whose timing record says its evaluations took ``eval_minutes``."""
+    folder.mkdir(parents=True)
+    (folder / "done.json").write_text("{}")
+    (folder / "evals.jsonl").write_text(json.dumps({"kind": "subset"}) + "\n")  # what a 64 px run needs
+    half = 60 * train_minutes / 2
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"step": 1, "images": 600, "images_per_s": 600 / half}, {"step": 1, "images": 600, "eval_fid": 1.0},
+        {"step": 2, "images": 1200, "images_per_s": 600 / half})))
+    if eval_minutes is not None:
+        (folder / study.TIMES).write_text(json.dumps({"phase": "evals", "seconds": 60 * eval_minutes, "threads": 1}) + "\n")
+
+
+def test_a_run_is_timed_by_the_finished_runs_of_its_arm_else_its_method_else_its_resolution(tmp_path):
+    P = study.StudyParams(profile="t", runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "out"),
+                          methods=("jit", "repa", "repa_x4"), steps=2)
+    here, committed = tmp_path / "runs" / "t", tmp_path / "out" / "runs"
+    _timed_run(here / "jit-32px-s0", 40, 10)
+    _timed_run(committed / "jit-32px-s1", 60)  # committed before timing records: its evaluations untimed
+    _timed_run(committed / "jit-32px-s2", 50, 20)
+    _timed_run(committed / "repa-64px-s0", 70)
+    (here / "repa-64px-s1").mkdir(parents=True)  # under way: not finished, not counted
+    assert runner.run_minutes(P, committed / "jit-32px-s1") == (pytest.approx(60), None)
+    assert runner.expected_minutes(P, "jit", 32) == (pytest.approx(50), pytest.approx(15))  # medians
+    assert runner.expected_minutes(P, "repa", 32) == (pytest.approx(50), pytest.approx(15))  # any arm at 32 px
+    share = (1 - runner.TRAIN_SHARE) / runner.TRAIN_SHARE
+    assert runner.expected_minutes(P, "repa_x4", 64) == (pytest.approx(70), pytest.approx(70 * share))  # as repa
+    assert runner.expected_minutes(P, "jit", 128) is None
+    _timed_run(here / "repa_x4-64px-s0", 90, 30)
+    assert runner.expected_minutes(P, "repa_x4", 64) == (pytest.approx(90), pytest.approx(30))
+    (here / "jit-32px-s3").mkdir()
+    (here / "jit-32px-s3" / "metrics.jsonl").write_text(json.dumps({"step": 1, "images": 600}) + "\n")
+    assert runner.minutes_left(P, "jit", 32, 3) == pytest.approx(50 / 2 + 15)  # resumes at step 1 of 2
+
+
+def test_until_starts_only_the_runs_expected_to_end_in_time(tmp_path, monkeypatch, capsys):
+    P = study.StudyParams(profile="t", runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "out"),
+                          methods=("jit", "repa"), seeds=(0, 1), progress=False)
+    _timed_run(tmp_path / "out" / "runs" / "jit-32px-s0", 20, 10)
+    _timed_run(tmp_path / "out" / "runs" / "jit-64px-s0", 60, 20)
+    monkeypatch.setattr(study, "prepare_data", lambda P: None)
+    trained = []
+    monkeypatch.setattr(study, "ensure_run", lambda P, m, res, seed, wait=True: trained.append((m, res, seed)) or tmp_path)
+    runner.train_runs(P, runner.Clock(), until=time.time() + 60 * 45)
+    said = capsys.readouterr().out
+    # the 32 px runs (30 min each, as jit's) are started; the 64 px ones (80 min) are not
+    assert [r for r in trained if r[2] == 1] == [("jit", 32, 1), ("repa", 32, 1)]
+    assert ("repa", 32, 0) in trained and not any(res == 64 and m == "repa" for m, res, _ in trained)
+    assert "run 7/8: jit at 64 px, seed 1 needs about 80.0 min: it would end after" in said and "not started" in said
+    trained.clear()
+    runner.train_runs(P, runner.Clock())  # no deadline: everything unfinished
+    assert ("repa", 64, 0) in trained and ("jit", 64, 1) in trained
