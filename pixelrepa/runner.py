@@ -27,7 +27,7 @@ import yaml
 from jupyter_client.manager import AsyncKernelManager
 
 from . import study
-from .storage import atomic_write_text
+from .storage import atomic_write_text, checkpoints
 
 
 def notebooks() -> list[Path]:
@@ -148,12 +148,13 @@ def expected_minutes(P: study.StudyParams, arm: str, res: int) -> tuple[float, f
 
 
 def minutes_left(P: study.StudyParams, arm: str, res: int, seed: int) -> float | None:
-    """The expected minutes a run still needs (`expected_minutes`, its training counted from the last step
-    its log records, where it resumes); None where no finished run tells."""
+    """The expected minutes a run still needs (`expected_minutes`, its training counted from its newest
+    checkpoint, where it resumes); None where no finished run tells."""
     t = expected_minutes(P, arm, res)
     if t is None:
         return None
-    step, _ = last_step(study.run_dir(P, arm, res, seed) / "metrics.jsonl")
+    saved = checkpoints(study.run_dir(P, arm, res, seed))
+    step = int(saved[-1].stem.split("-")[-1]) if saved else 0
     return t[0] * (1 - min(step, P.steps) / P.steps) + t[1]
 
 

@@ -575,7 +575,9 @@ def test_a_run_is_timed_by_the_finished_runs_of_its_arm_else_its_method_else_its
     _timed_run(here / "repa_x4-64px-s0", 90, 30)
     assert runner.expected_minutes(P, "repa_x4", 64) == (pytest.approx(90), pytest.approx(30))
     (here / "jit-32px-s3").mkdir()
-    (here / "jit-32px-s3" / "metrics.jsonl").write_text(json.dumps({"step": 1, "images": 600}) + "\n")
+    (here / "jit-32px-s3" / "metrics.jsonl").write_text(json.dumps({"step": 2, "images": 1200}) + "\n")
+    assert runner.minutes_left(P, "jit", 32, 3) == pytest.approx(50 + 15)  # no checkpoint: from the start
+    (here / "jit-32px-s3" / "ckpt-00000001.pt").write_bytes(b"")
     assert runner.minutes_left(P, "jit", 32, 3) == pytest.approx(50 / 2 + 15)  # resumes at step 1 of 2
 
 
