@@ -443,7 +443,25 @@ def run_profile(P: study.StudyParams, only: list[str] | None = None, force: bool
         state[nb.name] = {"key": keys[nb.name], "seconds": round(time.monotonic() - t, 1)}
         atomic_write_text(state_path, json.dumps(state, indent=1))
     print(f"[study] profile {P.profile} done in {minutes(time.monotonic() - clock.start)}", flush=True)
-    return write_summary(P)
+    summary = write_summary(P)
+    if report and P.profile == HEADLINE and P.results == committed(HEADLINE):
+        refresh_headlines()
+    return summary
+
+
+def committed(profile: str) -> Path:
+    """The profile's committed results folder, ``papermill_runs/<profile>`` in the checkout."""
+    return study.ROOT / "papermill_runs" / profile
+
+
+def refresh_headlines() -> list[Path]:
+    """Rewrite the committed summaries of the other profiles, whose opening (`_headline_of`) shows the
+    HEADLINE protocol's committed verdicts and figures: after a report of it, they show the new ones."""
+    done = []
+    for name in study.profiles():
+        if name not in (HEADLINE, EARLIER) and (committed(name) / "SUMMARY.md").exists():
+            done.append(write_summary(dataclasses.replace(study.load_profile(name), results_dir=str(committed(name)))))
+    return done
 
 
 def _key(entry) -> str | None:
@@ -503,7 +521,7 @@ def _headline_of(P: StudyParams, t: dict) -> list[str]:
     """`headline` for a profile other than HEADLINE, from HEADLINE's committed run logs (none: nothing)."""
     if P.profile in (HEADLINE, EARLIER):
         return []
-    H, E = (dataclasses.replace(study.load_profile(name), results_dir=str(study.ROOT / "papermill_runs" / name))
+    H, E = (dataclasses.replace(study.load_profile(name), results_dir=str(committed(name)))
             for name in (HEADLINE, EARLIER))  # their committed copies, wherever this profile's outputs go
     finished = len(list((H.results / "runs").glob("*/done.json")))
     if not finished:

@@ -598,3 +598,14 @@ def test_until_starts_only_the_runs_expected_to_end_in_time(tmp_path, monkeypatc
     trained.clear()
     runner.train_runs(P, runner.Clock())  # no deadline: everything unfinished
     assert ("repa", 64, 0) in trained and ("jit", 64, 1) in trained
+
+
+def test_refreshing_the_headlines_rewrites_only_the_other_profiles_committed_summaries(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "committed", lambda name: tmp_path / name)  # not the checkout's folders
+    for name in ("quick", runner.HEADLINE, runner.EARLIER):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "SUMMARY.md").write_text("old")
+    assert runner.refresh_headlines() == [tmp_path / "quick" / "SUMMARY.md"]
+    assert (tmp_path / "quick" / "SUMMARY.md").read_text().startswith("# Study summary: profile `quick`")
+    assert (tmp_path / runner.HEADLINE / "SUMMARY.md").read_text() == "old"  # its own is the report's
+    assert not (tmp_path / "smoke").exists()  # a profile with no committed summary gets none
