@@ -457,15 +457,18 @@ def arm_seeds(P: StudyParams, arm: str) -> tuple[int, ...]:
 
 
 def plan(P: StudyParams) -> list[tuple[str, int, int]]:
-    """Every (arm, resolution, seed) the profile trains, seed by seed so that a partial profile already
-    holds complete comparisons: jit and repa at both resolutions, every arm at high_res; the dose
-    arms (method_xK) with ``dose_seeds``."""
+    """Every (arm, resolution, seed) the profile trains: jit and repa at both resolutions, every arm at
+    high_res; the dose arms (method_xK) with ``dose_seeds``. Seed by seed, so that a partial profile
+    already holds complete comparisons, and the main arms' seeds before the dose arms' (the verdicts
+    rest on the main arms; the dose arms are a secondary analysis)."""
     runs = []
-    for seed in sorted(set(P.seeds) | set(P.dose_seeds or ())):
-        for res in (P.low_res, P.high_res):
-            for m in P.methods:
-                if seed in arm_seeds(P, m) and (res == P.high_res or m in ("jit", "repa")):
-                    runs.append((m, res, seed))
+    for dose in (False, True):
+        for seed in sorted(set(P.seeds) | set(P.dose_seeds or ())):
+            for res in (P.low_res, P.high_res):
+                for m in P.methods:
+                    if ((split_arm(m) or (m, None))[1] is not None) == dose and seed in arm_seeds(P, m) \
+                            and (res == P.high_res or m in ("jit", "repa")):
+                        runs.append((m, res, seed))
     return runs
 
 

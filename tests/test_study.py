@@ -266,6 +266,11 @@ def test_dose_arms_scale_the_papers_coefficient_and_train_with_their_own_seeds()
     assert (c.method, c.align_coef) == ("repa", 2.0) and c.out_dir.endswith("repa_x4-64px-s1")
     assert study.run_config(P, "repa", P.high_res, 1).align_coef is None  # the paper's 0.5
     assert [r for r in study.plan(P) if r[0] == "repa_x4"] == [("repa_x4", P.high_res, 1)]
+    assert study.plan(P)[-1] == ("repa_x4", P.high_res, 1)  # after every main arm's seeds
+    D = study.load_profile("decisive")
+    first_dose = next(k for k, r in enumerate(study.plan(D)) if "_x" in r[0])
+    assert len(study.plan(D)) == 36 and first_dose == 36 - 2 * 3  # 30 main runs, then the 6 dose runs
+    assert study.plan(D)[:3] == [("jit", 32, 0), ("repa", 32, 0), ("jit", 64, 0)]
     with pytest.raises(ValueError, match="methods"):
         study.StudyParams(methods=("jit", "jit_x2"))
 
