@@ -119,25 +119,21 @@ def run_minutes(P: study.StudyParams, folder: Path) -> tuple[float, float | None
 
 def expected_minutes(P: study.StudyParams, arm: str, res: int) -> tuple[float, float] | None:
     """How long a run of ``arm`` at ``res`` takes, (training, evaluations) in minutes, from the profile's
-    finished runs at ``res`` (here or committed): the median over those of the same arm, else of its
-    method at another alignment coefficient (a dose arm as its method), else of any arm. Evaluations
-    likewise over the runs that timed theirs; where none did, the training time's share of a run
-    (TRAIN_SHARE). None where no run at ``res`` is finished."""
-    found = {}
-    for folder in (study.output_path(P.runs_dir) / P.profile, P.results / "runs"):
-        for d in sorted(folder.glob("*px-s*")) if folder.is_dir() else ():
-            try:
-                a, r, _ = study.parse_run(d.name)
-            except ValueError:
-                continue
-            if r == res and d.name not in found and study.evaluated(P, d):
-                found[d.name] = (a, run_minutes(P, d))
+    finished runs at ``res`` (`finished_runs`: here or committed): the median over those of the same
+    arm, else of its method at another alignment coefficient (a dose arm as its method), else of any
+    arm. Evaluations likewise over the runs that timed theirs; where none did, the training time's
+    share of a run (TRAIN_SHARE). None where no run at ``res`` is finished."""
+    found = []  # (arm, (training, evaluations)) of each finished run at res
+    for d in finished_runs(P):
+        a, r, _ = study.parse_run(d.name)
+        if r == res:
+            found.append((a, run_minutes(P, d)))
     base = (study.split_arm(arm) or (arm,))[0]
     tiers = (lambda a: a == arm, lambda a: (study.split_arm(a) or (a,))[0] == base, lambda a: True)
 
     def median_of(k):
         for same in tiers:
-            values = [t[k] for a, t in found.values() if same(a) and t[k] is not None]
+            values = [t[k] for a, t in found if same(a) and t[k] is not None]
             if values:
                 return statistics.median(values)
         return None

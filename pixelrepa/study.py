@@ -384,8 +384,7 @@ def ensure_evals(P: StudyParams, out: Path) -> list[dict]:
 
     def add(rec):
         rec = rounded(rec, 6)
-        with open(path, "a") as f:  # one line per record: a kill loses at most the record being written
-            f.write(json.dumps(rec) + "\n")
+        append_log(path, rec)  # one line per record: a kill loses at most the record being written
         have.append(rec)
 
     device = "cuda" if P.device == "cuda" else "cpu"

@@ -548,11 +548,11 @@ def test_until_reads_a_clock_time_minutes_from_now_or_epoch_seconds_and_refuses_
     assert runner.clock_time(runner.parse_until("09:05", now)) == "09:05"
 
 
-def _timed_run(folder, train_minutes, eval_minutes=None):
-    """A finished run folder whose metrics log says it trained ``train_minutes`` (two intervals) and,
-    where given, whose timing record says its evaluations took ``eval_minutes``."""
+def _timed_run(P, folder, train_minutes, eval_minutes=None):
+    """A finished run folder of ``P`` whose metrics log says it trained ``train_minutes`` (two intervals)
+    and, where given, whose timing record says its evaluations took ``eval_minutes``."""
     folder.mkdir(parents=True)
-    (folder / "done.json").write_text("{}")
+    (folder / "done.json").write_text(json.dumps(study._record(study.run_config(P, *study.parse_run(folder.name)))))
     (folder / "evals.jsonl").write_text(json.dumps({"kind": "subset"}) + "\n")  # what a 64 px run needs
     half = 60 * train_minutes / 2
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
@@ -564,12 +564,12 @@ def _timed_run(folder, train_minutes, eval_minutes=None):
 
 def test_a_run_is_timed_by_the_finished_runs_of_its_arm_else_its_method_else_its_resolution(tmp_path):
     P = study.StudyParams(profile="t", runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "out"),
-                          methods=("jit", "repa", "repa_x4"), steps=2)
+                          methods=("jit", "repa", "repa_x4"), seeds=(0, 1, 2), steps=2)
     here, committed = tmp_path / "runs" / "t", tmp_path / "out" / "runs"
-    _timed_run(here / "jit-32px-s0", 40, 10)
-    _timed_run(committed / "jit-32px-s1", 60)  # committed before timing records: its evaluations untimed
-    _timed_run(committed / "jit-32px-s2", 50, 20)
-    _timed_run(committed / "repa-64px-s0", 70)
+    _timed_run(P, here / "jit-32px-s0", 40, 10)
+    _timed_run(P, committed / "jit-32px-s1", 60)  # committed before timing records: its evaluations untimed
+    _timed_run(P, committed / "jit-32px-s2", 50, 20)
+    _timed_run(P, committed / "repa-64px-s0", 70)
     (here / "repa-64px-s1").mkdir(parents=True)  # under way: not finished, not counted
     assert runner.run_minutes(P, committed / "jit-32px-s1") == (pytest.approx(60), None)
     assert runner.expected_minutes(P, "jit", 32) == (pytest.approx(50), pytest.approx(15))  # medians
@@ -577,7 +577,7 @@ def test_a_run_is_timed_by_the_finished_runs_of_its_arm_else_its_method_else_its
     share = (1 - runner.TRAIN_SHARE) / runner.TRAIN_SHARE
     assert runner.expected_minutes(P, "repa_x4", 64) == (pytest.approx(70), pytest.approx(70 * share))  # as repa
     assert runner.expected_minutes(P, "jit", 128) is None
-    _timed_run(here / "repa_x4-64px-s0", 90, 30)
+    _timed_run(P, here / "repa_x4-64px-s0", 90, 30)
     assert runner.expected_minutes(P, "repa_x4", 64) == (pytest.approx(90), pytest.approx(30))
     (here / "jit-32px-s3").mkdir()
     (here / "jit-32px-s3" / "metrics.jsonl").write_text(json.dumps({"step": 2, "images": 1200}) + "\n")
@@ -589,8 +589,8 @@ def test_a_run_is_timed_by_the_finished_runs_of_its_arm_else_its_method_else_its
 def test_until_starts_only_the_runs_expected_to_end_in_time(tmp_path, monkeypatch, capsys):
     P = study.StudyParams(profile="t", runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "out"),
                           methods=("jit", "repa"), seeds=(0, 1), progress=False)
-    _timed_run(tmp_path / "out" / "runs" / "jit-32px-s0", 20, 10)
-    _timed_run(tmp_path / "out" / "runs" / "jit-64px-s0", 60, 20)
+    _timed_run(P, tmp_path / "out" / "runs" / "jit-32px-s0", 20, 10)
+    _timed_run(P, tmp_path / "out" / "runs" / "jit-64px-s0", 60, 20)
     monkeypatch.setattr(study, "prepare_data", lambda P: None)
     trained = []
     monkeypatch.setattr(study, "ensure_run", lambda P, m, res, seed, wait=True: trained.append((m, res, seed)) or tmp_path)
