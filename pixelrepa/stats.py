@@ -279,10 +279,20 @@ def decide(comps: list[dict], alpha: float = ALPHA) -> list[dict]:
         else:
             v = "inconclusive"
         out.append({"claim": claim, "title": CLAIMS[claim], "verdict": v,
-                    "evidence": "; ".join(f"{c['component']}: {c['diff']:.2f} [{c['lo']:.2f}, {c['hi']:.2f}], "
-                                          f"margin {c['margin']:.2f}, MDE {c['mde']:.2f}, {c['n_seeds']} seeds -> {c['outcome']}"
-                                          for c in cs)})
+                    "evidence": "; ".join(component_words(c) for c in cs)})
     return out
+
+
+def component_words(c: dict, f: str = ".2f") -> str:
+    """One comparison of `components` in a line: its paired difference with the 95% interval over seeds,
+    margin, MDE, seeds and outcome. With one seed there is no interval or MDE, and the line says so
+    (rather than printing nan)."""
+    def num(x):
+        return "-" if math.isnan(x) else f"{x:{f}}"
+    spread = "(no interval)" if math.isnan(c["lo"]) else f"[{num(c['lo'])}, {num(c['hi'])}]"
+    mde_text = "no MDE" if math.isnan(c["mde"]) else f"MDE {num(c['mde'])}"
+    return (f"{c['component']}: {num(c['diff'])} {spread}, margin {num(c['margin'])}, {mde_text}, "
+            f"{_seeds(c['n_seeds'])} -> {c['outcome']}")
 
 
 CLAIMS = {1: "REPA helps at low resolution and hurts at high resolution late in training",

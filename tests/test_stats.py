@@ -116,6 +116,19 @@ def test_nothing_decides_a_noisy_claim(tmp_path):
     assert all(c["mde"] > abs(c["diff"]) for c in t["components"] if c["claim"] == 1)
 
 
+def test_evidence_says_when_one_seed_has_no_interval(tmp_path):
+    # 32 px: three seeds (an interval and an MDE); 64 px: one seed of REPA (no interval, no MDE: not "nan")
+    t = _study(tmp_path, jit64=[100, 102, 104], repa64=[110], jit32=[80, 81, 82], repa32=[70, 72, 71])
+    low, high = [c for c in t["components"] if c["claim"] == 1]
+    assert high["n_seeds"] == 1 and math.isnan(high["lo"])
+    assert stats.component_words(high) == (f"{high['component']}: 10.00 (no interval), margin 5.00, no MDE, "
+                                           f"1 seed -> inconclusive (1 seed)")
+    words = stats.component_words(low, ".1f")
+    assert words.startswith(f"{low['component']}: -10.0 [{low['lo']:.1f}, {low['hi']:.1f}], margin ")
+    assert f"MDE {low['mde']:.1f}, 3 seeds -> " in words
+    assert "nan" not in t["verdicts"][0]["evidence"] and stats.component_words(high) in t["verdicts"][0]["evidence"]
+
+
 def test_claim_2_is_the_interaction(tmp_path):
     most = {"jit": [30, 31, 32], "repa": [35, 37, 36]}  # REPA - JiT: 5, 6, 4
     least = {"jit": [40, 41, 42], "repa": [39, 41, 41]}  # REPA - JiT: -1, 0, -1
