@@ -460,15 +460,9 @@ def plan(P: StudyParams) -> list[tuple[str, int, int]]:
     high_res; the dose arms (method_xK) with ``dose_seeds``. Seed by seed, so that a partial profile
     already holds complete comparisons, and the main arms' seeds before the dose arms' (the verdicts
     rest on the main arms; the dose arms are a secondary analysis)."""
-    runs = []
-    for dose in (False, True):
-        for seed in sorted(set(P.seeds) | set(P.dose_seeds or ())):
-            for res in (P.low_res, P.high_res):
-                for m in P.methods:
-                    if ((split_arm(m) or (m, None))[1] is not None) == dose and seed in arm_seeds(P, m) \
-                            and (res == P.high_res or m in ("jit", "repa")):
-                        runs.append((m, res, seed))
-    return runs
+    runs = [(m, res, seed) for seed in sorted(set(P.seeds) | set(P.dose_seeds or ())) for res in (P.low_res, P.high_res)
+            for m in P.methods if seed in arm_seeds(P, m) and (res == P.high_res or m in ("jit", "repa"))]
+    return sorted(runs, key=lambda r: split_arm(r[0])[1] is not None)  # a stable sort: seed order kept
 
 
 def runs(P: StudyParams) -> list[dict]:
