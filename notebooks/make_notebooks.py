@@ -94,8 +94,7 @@ def components(claim):
     return f"""T = study.tables(P)
 for c in T["components"]:
     if c["claim"] == {claim}:
-        print(f"{{c['component']}}: {{c['diff']:.1f}} [{{c['lo']:.1f}}, {{c['hi']:.1f}}] FID over {{c['n_seeds']}} seed(s), "
-              f"margin {{c['margin']:.1f}}, MDE {{c['mde']:.1f}} -> {{c['outcome']}}")
+        print(stats.component_words(c, ".1f"))
 print(stats.describe(T["verdicts"][{claim - 1}]))"""
 
 
@@ -125,7 +124,7 @@ for res in (P.low_res, P.high_res):
     print(stats.curve_words(R, "jit", None, res))"""),
     code(NUM + """for row in stats.final_table(R, P.steps):
     print(f"JiT at {row['resolution']} px, end of training: FID {row['fid']:.1f} "
-          f"(95% interval over {row['seeds']} seed(s): {row['fid_lo']:.1f} to {row['fid_hi']:.1f}; N = {row['n']} samples)")"""),
+          f"{stats.interval_words(row['fid_lo'], row['fid_hi'])} over {row['seeds']} seed(s), N = {row['n']} samples")"""),
     md("## Samples\nThe first EMA's samples at the end of training (seed 0 of each resolution)."),
     code(IGNORE_FIG + """for res in (P.low_res, P.high_res):  # each run's sample grid (samples.png: committed with its logs)
     run = runs[(res, P.seeds[0])]
@@ -248,7 +247,7 @@ End-of-training FID differences paired by seed. The paper: adapter < REPA, adapt
 Then the dose-response arms (secondary): each method at 4x its coefficient against itself."""),
     code(NUM + components(3) + """
 for d in T["dose"]:
-    print(f"dose: {d['a']} - {d['b']}: {d['diff']:.1f} [{d['lo']:.1f}, {d['hi']:.1f}] FID over {d['n_seeds']} seed(s)")"""),
+    print(f"dose: {d['a']} - {d['b']}: {d['diff']:.1f} {stats.interval_words(d['lo'], d['hi'])} FID over {d['n_seeds']} seed(s)")"""),
     code(IGNORE_FIG + """for m in methods:  # each run's sample grid (samples.png: committed with its logs)
     run = runs[(m, P.seeds[0])]
     if run is None:
@@ -272,8 +271,8 @@ R = study.runs(P)
 print(f"{len(R)} runs with logs; floors used: {T['floors']}")"""),
     code(NUM + """for r in T["final"]:
     pr = f", precision {r['precision']:.2f}, recall {r['recall']:.2f}" if "precision" in r else ""
-    print(f"{r['arm']:>13} {r['resolution']} px: FID {r['fid']:.1f} [{r['fid_lo'] if r['fid_lo'] is None else round(r['fid_lo'], 1)}, "
-          f"{r['fid_hi'] if r['fid_hi'] is None else round(r['fid_hi'], 1)}] over {r['seeds']} seed(s), N = {r['n']}{pr}")
+    print(f"{r['arm']:>13} {r['resolution']} px: FID {r['fid']:.1f} {stats.interval_words(r['fid_lo'], r['fid_hi'])} "
+          f"over {r['seeds']} seed(s), N = {r['n']}{pr}")
 for r in T["memorisation"]:
     print(f"memorisation {r['arm']} {r['resolution']} px: closer to a training image than to a held-out one for "
           f"{r['closer_to_train']:.0%} of samples (0.5: no copying), NN distance ratio {r['nn_ratio']:.2f}")"""),

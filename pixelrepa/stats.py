@@ -283,13 +283,19 @@ def decide(comps: list[dict], alpha: float = ALPHA) -> list[dict]:
     return out
 
 
+def interval_words(lo: float | None, hi: float | None, f: str = ".1f") -> str:
+    """A 95% interval over seeds as "[lo, hi]", or "(no interval)" where there is none: one seed
+    (`mean_interval`'s NaN bounds) or no value (None). What the notebooks print, rather than nan."""
+    return "(no interval)" if lo is None or hi is None or math.isnan(lo) else f"[{lo:{f}}, {hi:{f}}]"
+
+
 def component_words(c: dict, f: str = ".2f") -> str:
     """One comparison of `components` in a line: its paired difference with the 95% interval over seeds,
     margin, MDE, seeds and outcome. With one seed there is no interval or MDE, and the line says so
     (rather than printing nan)."""
     def num(x):
         return "-" if math.isnan(x) else f"{x:{f}}"
-    spread = "(no interval)" if math.isnan(c["lo"]) else f"[{num(c['lo'])}, {num(c['hi'])}]"
+    spread = interval_words(c["lo"], c["hi"], f)
     mde_text = "no MDE" if math.isnan(c["mde"]) else f"MDE {num(c['mde'])}"
     return (f"{c['component']}: {num(c['diff'])} {spread}, margin {num(c['margin'])}, {mde_text}, "
             f"{_seeds(c['n_seeds'])} -> {c['outcome']}")

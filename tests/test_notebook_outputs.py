@@ -25,3 +25,14 @@ def test_every_ignored_cell_says_why_and_their_number_does_not_grow():
     # the numbers a reader checks are compared: no cell that prints a verdict or a table is ignored
     assert not [n for n, s in cells if "describe(" in s or "final_table" in s or "components" in s], \
         "a cell printing verdicts or tables is nbval-ignored"
+
+
+def test_the_notebooks_are_what_make_notebooks_writes():
+    # make_notebooks.py keeps the common cells identical; a cell edited in one notebook and not in the
+    # script would be undone the next time the script runs
+    import runpy
+    script = runpy.run_path(str(NOTEBOOKS[0].parent / "make_notebooks.py"), run_name="make_notebooks")
+    for name, cells in script["NB"].items():
+        committed = nbformat.read(NOTEBOOKS[0].parent / f"{name}.ipynb", as_version=4).cells
+        assert [c.source for c in committed] == [c.source for c in cells], f"{name}.ipynb differs from make_notebooks.py"
+        assert [c.metadata.get("tags", []) for c in committed] == [c.metadata.get("tags", []) for c in cells], name

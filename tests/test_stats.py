@@ -128,6 +128,13 @@ def test_evidence_says_when_one_seed_has_no_interval(tmp_path):
     assert f"MDE {low['mde']:.1f}, 3 seeds -> " in words
     assert "nan" not in t["verdicts"][0]["evidence"] and stats.component_words(high) in t["verdicts"][0]["evidence"]
 
+    # the end-of-training table likewise: REPA's one seed at 64 px prints no interval, JiT's three their bounds
+    final = {(r["arm"], r["resolution"]): r for r in t["final"]}
+    assert stats.interval_words(final[("repa", 64)]["fid_lo"], final[("repa", 64)]["fid_hi"]) == "(no interval)"
+    jit = final[("jit", 64)]
+    assert jit["fid_lo"] < jit["fid"] < jit["fid_hi"]
+    assert stats.interval_words(jit["fid_lo"], jit["fid_hi"]) == f"[{jit['fid_lo']:.1f}, {jit['fid_hi']:.1f}]"
+    assert stats.interval_words(None, None) == "(no interval)"
 
 def test_claim_2_is_the_interaction(tmp_path):
     most = {"jit": [30, 31, 32], "repa": [35, 37, 36]}  # REPA - JiT: 5, 6, 4
