@@ -203,13 +203,13 @@ def train_runs(P: study.StudyParams, clock: Clock, wait: bool = True, start: int
 def worker_starts(runs: list[tuple[str, int, int]], todo: list[tuple[str, int, int]], n: int) -> list[int]:
     """Where each of ``n`` workers begins its pass over the plan (indices into ``runs``): at the first
     unfinished run of each resolution in turn, so that the first runs build different resolutions'
-    one-time caches (reference features, encoder targets), then spread evenly over what is left."""
-    firsts = []
-    for res in dict.fromkeys(r[1] for r in todo):
-        firsts.append(runs.index(next(r for r in todo if r[1] == res)))
-    spread = [runs.index(todo[i * len(todo) // n]) for i in range(n)]
-    starts = firsts[:n] + [s for s in spread if s not in firsts]
-    return (starts + spread)[:n]
+    one-time caches (reference features, encoder targets), then at the next unfinished runs in the
+    plan's order. The plan lists the runs seed by seed, so workers side by side train the arms of one
+    seed together: a protocol that spans sessions completes its seeds in turn, and its interim
+    comparisons (paired by seed) gain a seed at a time rather than scattered runs."""
+    firsts = [runs.index(next(r for r in todo if r[1] == res)) for res in dict.fromkeys(r[1] for r in todo)]
+    rest = [k for k in (runs.index(r) for r in todo) if k not in firsts]
+    return (firsts[:n] + rest)[:n]
 
 
 # A run's share of its wall time spent training, the rest evaluating (measured on the quick and decisive
@@ -323,7 +323,7 @@ def train_parallel(P: study.StudyParams, workers: int, clock: Clock, interval: f
         for k, start in enumerate(worker_starts(runs, todo, n)):
             with open(paths[k], "w") as log:
                 procs.append(subprocess.Popen([sys.executable, "-m", "pixelrepa.study", "--profile", str(folder / "profile.yaml"),
-                                               "--train-only", "--start", str(start),
+                                               "--train-only", "--start", str(start + 1),
                                                *(["--until", f"@{until}"] if until is not None else [])], stdout=log,
                                               stderr=subprocess.STDOUT, env=env, cwd=str(study.ROOT)))
         while True:

@@ -553,7 +553,10 @@ def main(argv=None):
     p.add_argument("--until", metavar="TIME",
                    help="with --train-only: start only the runs expected to end by TIME (HH:MM, or +MINUTES), "
                         "timed by the profile's finished runs: a session's end filled with the runs that fit")
-    p.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)  # a worker's first run (runner.worker_starts)
+    p.add_argument("--start", type=int, metavar="N",
+                   help="with --train-only and one worker: begin at the plan's run N (1-based, as the logs "
+                        "number them: 'run 12/36'), go on in order and wrap around; e.g. a process for a core "
+                        "that --until workers left idle (the parallel workers are started so)")
     a = p.parse_args(argv)
     if a.workers < 1:
         p.error(f"--workers must be at least 1, got {a.workers}")
@@ -562,11 +565,16 @@ def main(argv=None):
     from . import runner
     if a.until is not None and not a.train_only:
         p.error("--until applies to --train-only (the notebooks train what they need, whatever the time)")
+    if a.start is not None and not (a.train_only and a.workers == 1):
+        p.error("--start applies to --train-only with one worker (the parallel workers choose their own)")
     try:
         P = load_profile(a.profile)
         until = runner.parse_until(a.until) if a.until is not None else None
     except ValueError as err:
         p.error(str(err))
+    n_runs = len(plan(P))
+    if a.start is not None and not 1 <= a.start <= n_runs:
+        p.error(f"--start takes a run of the plan, 1 to {n_runs} for profile {P.profile}, not {a.start}")
     print(P, flush=True)
     if until is not None:
         print(f"[study] --until {runner.clock_time(until)}: runs are started only when expected to end by then", flush=True)
@@ -574,7 +582,7 @@ def main(argv=None):
         if a.train_only and a.workers > 1:
             runner.train_parallel(P, a.workers, runner.Clock(), until=until)
         elif a.train_only:
-            runner.train_runs(P, runner.Clock(), wait=False, start=a.start, until=until)
+            runner.train_runs(P, runner.Clock(), wait=False, start=(a.start or 1) - 1, until=until)
         else:
             runner.run_profile(P, a.notebooks, a.force, workers=a.workers, report=a.report)
     except (RuntimeError, ValueError) as err:

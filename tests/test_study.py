@@ -376,12 +376,17 @@ def test_the_quick_profile_is_a_miniature_of_the_decisive_protocol():
 QUICK_PLAN = [("jit", 32, 0), ("repa", 32, 0), ("jit", 64, 0), ("repa", 64, 0), ("adapter", 64, 0), ("pixelrepa", 64, 0)]
 
 
-def test_parallel_workers_start_at_each_resolutions_first_unfinished_run_then_spread_out():
+def test_parallel_workers_start_at_each_resolutions_first_unfinished_run_then_in_the_plans_order():
     assert runner.worker_starts(QUICK_PLAN, QUICK_PLAN, 1) == [0]
     assert runner.worker_starts(QUICK_PLAN, QUICK_PLAN, 2) == [0, 2]  # one builds the 32 px caches, one the 64 px
-    assert runner.worker_starts(QUICK_PLAN, QUICK_PLAN, 3) == [0, 2, 4]
-    assert runner.worker_starts(QUICK_PLAN, QUICK_PLAN[3:], 2) == [3, 4]  # one resolution left: spread over it
+    assert runner.worker_starts(QUICK_PLAN, QUICK_PLAN, 3) == [0, 2, 1]
+    assert runner.worker_starts(QUICK_PLAN, QUICK_PLAN[3:], 2) == [3, 4]  # one resolution left: its next runs
     assert runner.worker_starts(QUICK_PLAN, [QUICK_PLAN[1], QUICK_PLAN[5]], 2) == [1, 5]
+    # a protocol part-way, one resolution left: the arms of the next seed side by side, not a later seed's
+    plan = [(m, 64, s) for s in range(5) for m in ("jit", "repa", "adapter", "pixelrepa")]
+    todo = plan[3:]  # seed 0 done but PixelREPA's
+    assert runner.worker_starts(plan, todo, 2) == [3, 4]
+    assert [plan[k] for k in runner.worker_starts(plan, todo, 3)] == [("pixelrepa", 64, 0), ("jit", 64, 1), ("repa", 64, 1)]
 
 
 def test_the_parallel_status_line_reads_each_workers_run_step_and_phase_from_its_files(tmp_path):
@@ -444,6 +449,20 @@ def test_workers_must_be_at_least_one(capsys):
     with pytest.raises(SystemExit):
         study.main(["--profile", "smoke", "--workers", "0"])
     assert "--workers must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--start", "3"], "--start applies to --train-only with one worker"),
+    (["--train-only", "--workers", "2", "--start", "3"], "--start applies to --train-only with one worker"),
+    (["--train-only", "--start", "0"], "--start takes a run of the plan, 1 to 6 for profile smoke, not 0"),
+    (["--train-only", "--start", "7"], "--start takes a run of the plan, 1 to 6 for profile smoke, not 7"),
+])
+def test_start_names_a_run_of_the_plan_counted_as_the_logs_count(args, said, capsys):
+    # (that --start N begins at the log's "run N/..." is checked end to end by the parallel workers' test,
+    # which starts its second worker so)
+    with pytest.raises(SystemExit):
+        study.main(["--profile", "smoke", *args])
+    assert said in capsys.readouterr().err
 
 
 def test_a_report_trains_nothing_and_uses_the_finished_runs_here_or_committed(tmp_path, monkeypatch):
