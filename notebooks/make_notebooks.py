@@ -95,7 +95,7 @@ def components(claim):
 for c in T["components"]:
     if c["claim"] == {claim}:
         print(stats.component_words(c, ".1f"))
-print(stats.describe(T["verdicts"][{claim - 1}]))"""
+print(stats.describe(T["verdicts"][{claim - 1}], T["components"], ".1f"))"""
 
 
 NB["01_jit_baseline"] = head(
@@ -288,7 +288,7 @@ PixelREPA against JiT at the end, and PixelREPA after half the steps against JiT
     code(NUM + components(4)),
     md("## Verdicts\nOne line per claim (README, Protocol, for the rules)."),
     code(NUM + """for v in T["verdicts"]:
-    print(stats.describe(v))"""),
+    print(stats.describe(v, T["components"], ".1f"))"""),
     code(NUM + """for prof in study.profiles():
     path = study.ROOT / "papermill_runs" / prof / "tables" / "verdicts.json"
     if path.exists() and prof != P.profile:

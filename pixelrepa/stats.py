@@ -428,12 +428,18 @@ def record_table(runs: list[dict], kind: str, keys: tuple, by: tuple = ()) -> li
     return out
 
 
-def describe(verdict: dict) -> str:
-    """One plain sentence per claim: what the data say, and whether it agrees with the paper."""
+def describe(verdict: dict, components: list[dict] | None = None, f: str = ".2f") -> str:
+    """One plain sentence per claim: what the data say, and whether it agrees with the paper. Its
+    evidence is the verdict's own (its comparisons at two decimals), or, given the `tables`'
+    ``components``, the claim's comparisons written anew at precision ``f`` (the notebooks print one
+    decimal: what a tiny model's scores keep from one CPU to another)."""
     v = verdict["verdict"]
     agree = {"reproduced": "agrees with the paper", "inconclusive": "cannot tell at this scale",
              "not run": "has no data yet"}.get(v, "does not agree with the paper")
-    return f"Claim {verdict['claim']} ({verdict['title']}): {v}; this profile {agree}. {verdict['evidence']}."
+    evidence = verdict["evidence"]
+    if components is not None and any(c["claim"] == verdict["claim"] for c in components):
+        evidence = "; ".join(component_words(c, f) for c in components if c["claim"] == verdict["claim"])
+    return f"Claim {verdict['claim']} ({verdict['title']}): {v}; this profile {agree}. {evidence}."
 
 
 # ----------------------------------------------------------------------------- what a figure shows, in words

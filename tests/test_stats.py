@@ -127,6 +127,12 @@ def test_evidence_says_when_one_seed_has_no_interval(tmp_path):
     assert words.startswith(f"{low['component']}: -10.0 [{low['lo']:.1f}, {low['hi']:.1f}], margin ")
     assert f"MDE {low['mde']:.1f}, 3 seeds -> " in words
     assert "nan" not in t["verdicts"][0]["evidence"] and stats.component_words(high) in t["verdicts"][0]["evidence"]
+    # the verdict's sentence written anew from the components: the same at two decimals, one decimal on request
+    for v in t["verdicts"]:
+        assert stats.describe(v, t["components"]) == stats.describe(v)
+    one = stats.describe(t["verdicts"][0], t["components"], ".1f")
+    assert one.endswith(f"{stats.component_words(low, '.1f')}; {stats.component_words(high, '.1f')}.")
+    assert "10.0 (no interval), margin 5.0" in one and "10.00" not in one
 
     # the end-of-training table likewise: REPA's one seed at 64 px prints no interval, JiT's three their bounds
     final = {(r["arm"], r["resolution"]): r for r in t["final"]}
