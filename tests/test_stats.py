@@ -133,7 +133,6 @@ def test_evidence_says_when_one_seed_has_no_interval(tmp_path):
     one = stats.describe(t["verdicts"][0], t["components"], ".1f")
     assert one.endswith(f"{stats.component_words(low, '.1f')}; {stats.component_words(high, '.1f')}.")
     assert "10.0 (no interval), margin 5.0" in one and "10.00" not in one
-
     # the end-of-training table likewise: REPA's one seed at 64 px prints no interval, JiT's three their bounds
     final = {(r["arm"], r["resolution"]): r for r in t["final"]}
     assert stats.interval_words(final[("repa", 64)]["fid_lo"], final[("repa", 64)]["fid_hi"]) == "(no interval)"
@@ -141,6 +140,7 @@ def test_evidence_says_when_one_seed_has_no_interval(tmp_path):
     assert jit["fid_lo"] < jit["fid"] < jit["fid_hi"]
     assert stats.interval_words(jit["fid_lo"], jit["fid_hi"]) == f"[{jit['fid_lo']:.1f}, {jit['fid_hi']:.1f}]"
     assert stats.interval_words(None, None) == "(no interval)"
+
 
 def test_claim_2_is_the_interaction(tmp_path):
     most = {"jit": [30, 31, 32], "repa": [35, 37, 36]}  # REPA - JiT: 5, 6, 4
