@@ -279,7 +279,7 @@ def decide(comps: list[dict], alpha: float = ALPHA) -> list[dict]:
         else:
             v = "inconclusive"
         out.append({"claim": claim, "title": CLAIMS[claim], "verdict": v,
-                    "evidence": "; ".join(component_words(c) for c in cs)})
+                    "evidence": evidence_words(cs)})
     return out
 
 
@@ -299,6 +299,11 @@ def component_words(c: dict, f: str = ".2f") -> str:
     mde_text = "no MDE" if math.isnan(c["mde"]) else f"MDE {num(c['mde'])}"
     return (f"{c['component']}: {num(c['diff'])} {spread}, margin {num(c['margin'])}, {mde_text}, "
             f"{_seeds(c['n_seeds'])} -> {c['outcome']}")
+
+
+def evidence_words(components: list[dict], f: str = ".2f") -> str:
+    """A claim's evidence: its comparisons (`component_words`), one after another."""
+    return "; ".join(component_words(c, f) for c in components)
 
 
 CLAIMS = {1: "REPA helps at low resolution and hurts at high resolution late in training",
@@ -436,9 +441,8 @@ def describe(verdict: dict, components: list[dict] | None = None, f: str = ".2f"
     v = verdict["verdict"]
     agree = {"reproduced": "agrees with the paper", "inconclusive": "cannot tell at this scale",
              "not run": "has no data yet"}.get(v, "does not agree with the paper")
-    evidence = verdict["evidence"]
-    if components is not None and any(c["claim"] == verdict["claim"] for c in components):
-        evidence = "; ".join(component_words(c, f) for c in components if c["claim"] == verdict["claim"])
+    mine = [c for c in components or () if c["claim"] == verdict["claim"]]
+    evidence = evidence_words(mine, f) if mine else verdict["evidence"]
     return f"Claim {verdict['claim']} ({verdict['title']}): {v}; this profile {agree}. {evidence}."
 
 

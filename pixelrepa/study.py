@@ -572,9 +572,8 @@ def main(argv=None):
         until = runner.parse_until(a.until) if a.until is not None else None
     except ValueError as err:
         p.error(str(err))
-    n_runs = len(plan(P))
-    if a.start is not None and not 1 <= a.start <= n_runs:
-        p.error(f"--start takes a run of the plan, 1 to {n_runs} for profile {P.profile}, not {a.start}")
+    if a.start is not None and not 1 <= a.start <= len(plan(P)):
+        p.error(f"--start takes a run of the plan, 1 to {len(plan(P))} for profile {P.profile}, not {a.start}")
     print(P, flush=True)
     if until is not None:
         print(f"[study] --until {runner.clock_time(until)}: runs are started only when expected to end by then", flush=True)
