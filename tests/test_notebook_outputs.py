@@ -36,3 +36,22 @@ def test_the_notebooks_are_what_make_notebooks_writes():
         committed = nbformat.read(NOTEBOOKS[0].parent / f"{name}.ipynb", as_version=4).cells
         assert [c.source for c in committed] == [c.source for c in cells], f"{name}.ipynb differs from make_notebooks.py"
         assert [c.metadata.get("tags", []) for c in committed] == [c.metadata.get("tags", []) for c in cells], name
+
+
+def test_the_stored_verdicts_of_other_profiles_are_the_committed_ones():
+    # notebook 05 prints every other profile's committed verdicts, and nbval compares that output: when a
+    # profile's verdicts change (the decisive protocol's, as its runs come in), the stored output must be
+    # refreshed with them, or CI's nbval fails. This says so here, in seconds, with the lines to store.
+    import contextlib
+    import io
+    import json
+
+    from pixelrepa import study
+    nb = nbformat.read(NOTEBOOKS[0].parent / "05_final_fid.ipynb", as_version=4)
+    [cell] = [c for c in nb.cells if c.cell_type == "code" and "verdicts.json" in c.source and "prof != P.profile" in c.source]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(cell.source, {"study": study, "json": json, "P": study.load_profile("smoke")})
+    stored = "".join(o.get("text", "") for o in cell.outputs if o.get("output_type") == "stream")
+    assert stored == printed.getvalue(), \
+        f"notebooks/05_final_fid.ipynb stores other profiles' verdicts that are no longer committed; store:\n{printed.getvalue()}"
